@@ -1,0 +1,5 @@
+import sys
+
+from crivm.cli import main
+
+sys.exit(main())

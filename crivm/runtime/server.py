@@ -1,0 +1,90 @@
+"""``crivm serve``: the grpc.aio server on the configured unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from crivm.runtime import servicer
+from crivm.runtime.config import Config
+from crivm.runtime.daemon import Daemon
+from crivm.runtime.interceptor import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+# Grace period for in-flight calls when SIGTERM/SIGINT arrives. Containers keep running.
+SHUTDOWN_GRACE_S = 5.0
+# kubelet sends large messages (ListContainers with many containers, big exec output).
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    socket_path = Path(config.listen)
+    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _remove_stale_socket(socket_path)
+
+    daemon = await Daemon.open(config)
+    interceptor = ErrorInterceptor()
+    daemon.components["interceptor"] = interceptor
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    server.add_generic_rpc_handlers(tuple(servicer.generic_handlers(daemon)))
+    # Create the socket with no access for others, then widen to 0660: no window in
+    # which another user could connect.
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{socket_path}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, 0o660)
+    log.info("crivm serving CRI runtime.v1 on %s", socket_path)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        log.info("shutting down; containers keep running")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop(SHUTDOWN_GRACE_S)
+        await daemon.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        log.info("crivm stopped")
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket left by a crashed daemon blocks bind(); a live daemon on it is an error."""
+    if not path.exists():
+        return
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    from crivm.errors import Unavailable
+
+    raise Unavailable(f"another daemon is already serving on {path}")
