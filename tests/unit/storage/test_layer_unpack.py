@@ -1,0 +1,192 @@
+"""Layer unpacking: whiteout conversion, metadata, and every way out of the layer root."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from crivm.storage.layer_unpack import (
+    OPAQUE_XATTR,
+    CorruptLayer,
+    UnsafeLayer,
+    split_entry_name,
+    unpack_layer,
+)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted.*)")
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.mtime = 1_600_000_000
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+def _layer(tmp: Path, entries: list[tuple[tarfile.TarInfo, bytes]], *, gz: bool = True) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in entries:
+            if info.isreg():
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+            else:
+                archive.addfile(info)
+    raw = buffer.getvalue()
+    path = tmp / "layer.tar.gz"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    (tmp / "raw.sha256").write_text(hashlib.sha256(raw).hexdigest())
+    return path
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def test_split_entry_name_accepts_relative_paths() -> None:
+    assert split_entry_name("./usr/bin/sh") == ["usr", "bin", "sh"]
+    assert split_entry_name("etc//passwd") == ["etc", "passwd"]
+    assert split_entry_name("./") == []
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "a/b/../../../x", ".."])
+def test_split_entry_name_rejects_escapes(name: str) -> None:
+    with pytest.raises(UnsafeLayer):
+        split_entry_name(name)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_regular_files_and_diff_id(tmp_path: Path, dest: Path, gz: bool) -> None:
+    blob = _layer(tmp_path, [(_entry("bin", tarfile.DIRTYPE), b""),
+                             (_entry("bin/hello", mode=0o755), b"hi\n")], gz=gz)
+    result = unpack_layer(blob, dest)
+    assert (dest / "bin/hello").read_bytes() == b"hi\n"
+    assert stat.S_IMODE((dest / "bin/hello").stat().st_mode) == 0o755
+    assert result.diff_id == "sha256:" + (tmp_path / "raw.sha256").read_text()
+    assert (dest / "bin").stat().st_mtime == 1_600_000_000
+
+
+def test_missing_parents_are_created(tmp_path: Path, dest: Path) -> None:
+    unpack_layer(_layer(tmp_path, [(_entry("a/b/c.txt"), b"x")]), dest)
+    assert (dest / "a/b/c.txt").read_bytes() == b"x"
+
+
+@needs_root
+def test_metadata_setuid_owner_xattr_devices(tmp_path: Path, dest: Path) -> None:
+    su = _entry("usr/bin/su", mode=0o4755, uid=0, gid=0)
+    owned = _entry("home/u/file", uid=1234, gid=5678, mode=0o600)
+    xattr = _entry("cap", pax_headers={"SCHILY.xattr.user.note": "hello"})
+    null = _entry("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666)
+    fifo = _entry("run/fifo", tarfile.FIFOTYPE)
+    link = _entry("lnk", tarfile.SYMTYPE, linkname="/etc/outside")
+    hard = _entry("usr/bin/su2", tarfile.LNKTYPE, linkname="usr/bin/su")
+    blob = _layer(tmp_path, [(su, b"su"), (owned, b"o"), (xattr, b""), (null, b""),
+                             (fifo, b""), (link, b""), (hard, b"")])
+    unpack_layer(blob, dest)
+    assert stat.S_IMODE((dest / "usr/bin/su").stat().st_mode) == 0o4755
+    st = (dest / "home/u/file").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o600)
+    assert os.getxattr(dest / "cap", "user.note") == b"hello"
+    dev = (dest / "dev/null").lstat()
+    assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO((dest / "run/fifo").lstat().st_mode)
+    assert os.readlink(dest / "lnk") == "/etc/outside"
+    assert (dest / "usr/bin/su2").stat().st_ino == (dest / "usr/bin/su").stat().st_ino
+
+
+@needs_root
+def test_whiteouts_become_overlay_form(tmp_path: Path, dest: Path) -> None:
+    blob = _layer(tmp_path, [
+        (_entry("etc", tarfile.DIRTYPE), b""),
+        (_entry("etc/.wh.motd"), b""),
+        (_entry("var/cache", tarfile.DIRTYPE), b""),
+        (_entry("var/cache/.wh..wh..opq"), b""),
+        (_entry("var/cache/kept"), b"k"),
+    ])
+    unpack_layer(blob, dest)
+    motd = (dest / "etc/motd").lstat()
+    assert stat.S_ISCHR(motd.st_mode) and motd.st_rdev == 0
+    assert not (dest / "etc/.wh.motd").exists()
+    assert os.getxattr(dest / "var/cache", OPAQUE_XATTR) == b"y"
+    assert not (dest / "var/cache/.wh..wh..opq").exists()
+    assert (dest / "var/cache/kept").read_bytes() == b"k"
+
+
+def test_overlay_xattrs_from_the_tar_are_dropped(tmp_path: Path, dest: Path) -> None:
+    evil = _entry("d", tarfile.DIRTYPE,
+                  pax_headers={"SCHILY.xattr.trusted.overlay.redirect": "/etc"})
+    unpack_layer(_layer(tmp_path, [(evil, b"")]), dest)
+    with pytest.raises(OSError):
+        os.getxattr(dest / "d", "trusted.overlay.redirect")
+
+
+def test_later_entry_replaces_earlier(tmp_path: Path, dest: Path) -> None:
+    blob = _layer(tmp_path, [
+        (_entry("x", tarfile.SYMTYPE, linkname="/etc/passwd"), b""),
+        (_entry("x"), b"replaced"),
+    ])
+    unpack_layer(blob, dest)
+    assert not (dest / "x").is_symlink()
+    assert (dest / "x").read_bytes() == b"replaced"
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        pytest.param([(_entry("../escape"), b"x")], id="dotdot"),
+        pytest.param([(_entry("/abs"), b"x")], id="absolute"),
+        pytest.param([(_entry("a/../../escape"), b"x")], id="nested-dotdot"),
+        pytest.param(
+            [(_entry("link", tarfile.SYMTYPE, linkname="/tmp"), b""),
+             (_entry("link/escape"), b"x")], id="write-through-absolute-symlink"),
+        pytest.param(
+            [(_entry("link", tarfile.SYMTYPE, linkname="../.."), b""),
+             (_entry("link/escape"), b"x")], id="write-through-relative-symlink"),
+        pytest.param(
+            [(_entry("d", tarfile.DIRTYPE), b""),
+             (_entry("d/link", tarfile.SYMTYPE, linkname="/"), b""),
+             (_entry("d/link/etc/escape"), b"x")], id="write-through-nested-symlink"),
+        pytest.param([(_entry("h", tarfile.LNKTYPE, linkname="/etc/passwd"), b"")],
+                     id="hardlink-absolute"),
+        pytest.param([(_entry("h", tarfile.LNKTYPE, linkname="../../etc/passwd"), b"")],
+                     id="hardlink-dotdot"),
+        pytest.param(
+            [(_entry("link", tarfile.SYMTYPE, linkname="/etc"), b""),
+             (_entry("h", tarfile.LNKTYPE, linkname="link/passwd"), b"")],
+            id="hardlink-through-symlink"),
+        pytest.param([(_entry("h", tarfile.LNKTYPE, linkname="missing"), b"")],
+                     id="hardlink-to-missing"),
+        pytest.param(
+            [(_entry("link", tarfile.SYMTYPE, linkname="/etc"), b""),
+             (_entry("link/.wh.passwd"), b"")], id="whiteout-through-symlink"),
+    ],
+)
+def test_escapes_are_rejected(
+    tmp_path: Path, dest: Path, entries: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    blob = _layer(tmp_path, entries)
+    with pytest.raises(UnsafeLayer):
+        unpack_layer(blob, dest)
+    # dest is tmp_path/out, so a relative escape would land in tmp_path.
+    assert not (tmp_path / "escape").exists()
+    assert not Path("/tmp/escape").exists()
+
+
+def test_truncated_layer_is_corrupt(tmp_path: Path, dest: Path) -> None:
+    blob = _layer(tmp_path, [(_entry("big"), os.urandom(100_000))])
+    blob.write_bytes(blob.read_bytes()[:5000])
+    with pytest.raises(CorruptLayer):
+        unpack_layer(blob, dest)
