@@ -1,0 +1,7 @@
+"""Shared pytest setup. Fixture plugins live in tests/fixtures/; list each module here."""
+
+pytest_plugins = [
+    "tests.fixtures.registry",
+    "tests.fixtures.images",
+    "tests.fixtures.registries_conf",
+]
