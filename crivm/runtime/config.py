@@ -124,11 +124,16 @@ def from_dict(raw: Mapping[str, Any], path: str = "(inline)") -> Config:
     if runtimes_raw is not None:
         if not isinstance(runtimes_raw, dict) or not runtimes_raw:
             raise ConfigError(path, "runtimes", "must be a non-empty table of [runtimes.<name>]")
-        handlers: dict[str, RuntimeHandler] = {}
+        # Like crio.conf: tables add handlers, or adjust the built-in runc and vm ones.
+        handlers: dict[str, RuntimeHandler] = dict(cfg.runtimes)
         for name, table in runtimes_raw.items():
             if not isinstance(table, dict):
                 raise ConfigError(path, f"runtimes.{name}", "must be a table")
-            handlers[name] = _build(RuntimeHandler, table, path, prefix=f"runtimes.{name}.")
+            given = _build(RuntimeHandler, table, path, prefix=f"runtimes.{name}.")
+            base = handlers.get(name, RuntimeHandler())
+            handlers[name] = dataclasses.replace(
+                base, **{key: getattr(given, key) for key in table}
+            )
         cfg = dataclasses.replace(cfg, runtimes=handlers)
     return _validate(cfg, path)
 

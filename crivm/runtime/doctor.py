@@ -55,13 +55,13 @@ def check_cni(config: Config) -> list[Check]:
         for name in wanted
     }
     missing = [n for n, d in found.items() if d is None]
-    plugins = Check("cni plugins", not missing,
-                    f"missing {', '.join(missing)}" if missing
-                    else f"{', '.join(wanted)} in {', '.join(sorted({d for d in found.values() if d}))}")
+    dirs = ", ".join(sorted({d for d in found.values() if d}))
+    detail = f"missing {', '.join(missing)}" if missing else f"{', '.join(wanted)} in {dirs}"
+    plugins = Check("cni plugins", not missing, detail)
     conf_dir = Path(config.cni_config_dir)
     confs = sorted(conf_dir.glob("*.conflist")) + sorted(conf_dir.glob("*.conf"))
-    conf = Check("cni config", bool(confs),
-                 str(confs[0]) if confs else f"no network config in {conf_dir} (NetworkReady=false)")
+    conf = Check("cni config", bool(confs), str(confs[0]) if confs
+                 else f"no network config in {conf_dir} (NetworkReady=false)")
     return [plugins, conf]
 
 

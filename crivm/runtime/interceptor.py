@@ -12,13 +12,17 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from crivm.errors import CrivmError, InvalidArgument
 from crivm.runtime import log as requestlog
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    MethodHandler = grpc.RpcMethodHandler[Any, Any]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +50,15 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return decode
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, observers: list[CallObserver] | None = None) -> None:
         self.observers: list[CallObserver] = observers if observers is not None else []
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -74,7 +78,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Context) -> Any:
             token = requestlog.request_id.set(secrets.token_hex(4))
             start = time.perf_counter()
             code = "OK"
@@ -99,7 +103,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     def _wrap_stream(self, method: str, behavior: Any) -> Any:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             token = requestlog.request_id.set(secrets.token_hex(4))
             start = time.perf_counter()
             code = "OK"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -21,6 +21,10 @@ from crivm.errors import Unimplemented
 from crivm.proto import api_pb2
 from crivm.runtime.daemon import Daemon
 
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    MethodHandler = grpc.RpcMethodHandler[Any, Any]
+
 SERVICES = ("RuntimeService", "ImageService")
 
 
@@ -28,8 +32,8 @@ def module_name(method: str) -> str:
     return "crivm.runtime.rpc." + re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
 
 
-def generic_handlers(daemon: Daemon) -> list[grpc.GenericRpcHandler]:
-    handlers: list[grpc.GenericRpcHandler] = []
+def generic_handlers(daemon: Daemon) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
     for service_name in SERVICES:
         service = api_pb2.DESCRIPTOR.services_by_name[service_name]
         methods = {m.name: _method_handler(daemon, m) for m in service.methods}
@@ -37,7 +41,7 @@ def generic_handlers(daemon: Daemon) -> list[grpc.GenericRpcHandler]:
     return handlers
 
 
-def _method_handler(daemon: Daemon, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+def _method_handler(daemon: Daemon, method: MethodDescriptor) -> MethodHandler:
     request_cls = GetMessageClass(method.input_type)
     response_cls = GetMessageClass(method.output_type)
     handle = _load(method.name)
@@ -67,7 +71,7 @@ def _load(method: str) -> Callable[..., Any] | None:
 
 
 def _unary_behavior(daemon: Daemon, method: str, handle: Callable[..., Any] | None) -> Any:
-    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def behavior(request: Any, context: Context) -> Any:
         if handle is None:
             raise Unimplemented(f"crivm does not implement {method} yet")
         return await handle(daemon, request)
@@ -76,7 +80,7 @@ def _unary_behavior(daemon: Daemon, method: str, handle: Callable[..., Any] | No
 
 
 def _stream_behavior(daemon: Daemon, method: str, handle: Callable[..., Any] | None) -> Any:
-    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
         if handle is None:
             raise Unimplemented(f"crivm does not implement {method} yet")
         async for item in handle(daemon, request):
