@@ -264,6 +264,40 @@ def test_nginx_rootfs_config_is_valid(nginx_image: PushedImage, tmp_path: Path) 
 
 
 @pytest.mark.root
+def test_nginx_rootfs_serves_the_page(nginx_image: PushedImage, tmp_path: Path) -> None:
+    """Runs the image's Cmd chrooted in a private network namespace, where port 80 is free."""
+    rootfs = unpack_with_umoci(nginx_image.ref, tmp_path)
+    # unshare execs chroot which execs nginx: the Popen pid is nginx's master in the new netns.
+    nginx = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        ["unshare", "--net", "chroot", str(rootfs), "/usr/sbin/nginx"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    in_netns = ["nsenter", f"--target={nginx.pid}", "--net", "chroot", str(rootfs)]
+    try:
+        run_tool([*in_netns, "ip", "link", "set", "lo", "up"])
+        deadline = time.monotonic() + 10
+        page = b""
+        while time.monotonic() < deadline and nginx.poll() is None:
+            fetch = subprocess.run(  # noqa: S603 - fixed argv, no shell
+                [*in_netns, "wget", "-q", "-O", "-", "http://127.0.0.1/"],
+                capture_output=True, timeout=TOOL_TIMEOUT, check=False,
+            )  # fmt: skip
+            if fetch.returncode == 0:
+                page = fetch.stdout
+                break
+            time.sleep(0.1)
+    finally:
+        nginx.terminate()
+        try:
+            _, stderr = nginx.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            _, stderr = nginx.communicate()
+    assert page == NGINX_INDEX_HTML, stderr.decode(errors="replace")
+
+
+@pytest.mark.root
 def test_pause_exits_zero_on_sigterm_and_sigint(pause_image: PushedImage, tmp_path: Path) -> None:
     rootfs = unpack_with_umoci(pause_image.ref, tmp_path)
     binary = rootfs / "pause"
