@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.images",
     "tests.fixtures.registries_conf",
+    "tests.fixtures.netns",
 ]
