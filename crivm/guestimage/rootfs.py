@@ -1,0 +1,347 @@
+"""Assemble the guest root tree from extracted Debian packages, the protobuf wheel and the agent.
+
+The tree is merged-/usr (``/bin`` -> ``usr/bin`` and so on), holds only the files the guest needs,
+and every shared library that its binaries name is checked to be present, so a missing library
+fails the build instead of the boot.
+"""
+
+from __future__ import annotations
+
+import ast
+import compileall
+import importlib.util
+import logging
+import os
+import py_compile
+import shutil
+import stat
+import sys
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from crivm.guestimage import elf
+from crivm.guestimage.errors import GuestImageError
+from crivm.guestimage.init_script import GUEST_PYTHONPATH, INIT_SCRIPT, MODULE_LIST
+
+log = logging.getLogger(__name__)
+
+PYTHON_MINOR = "3.11"
+# Loaded in this order after their dependencies; names as in modinfo.
+KERNEL_MODULES = (
+    "virtio_pci", "virtio_mmio", "virtio_console", "virtio_net", "virtio_blk", "virtio_rng",
+    "virtiofs", "vmw_vsock_virtio_transport", "overlay",
+)
+# The stdlib extension modules the agent may need; the rest (ssl, sqlite, curses, ...) would pull
+# in large libraries for nothing.
+PYTHON_EXTENSIONS = (
+    "_asyncio", "_contextvars", "_ctypes", "_json", "_multiprocessing", "_posixshmem",
+    "_queue", "_typing", "mmap", "resource", "termios",
+)
+# Top-level stdlib entries the guest never uses.
+STDLIB_EXCLUDE = frozenset({
+    "test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "lib2to3",
+    "pydoc_data", "pydoc.py", "distutils", "sqlite3", "dbm", "curses", "venv", "msilib",
+    "unittest", "doctest.py", "site-packages", "dist-packages", "__phello__",
+    "config-3.11-x86_64-linux-gnu",
+})
+# Third-party imports the guest provides; anything else the agent imports fails the build.
+GUEST_THIRD_PARTY = frozenset({"google"})
+_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
+_GUEST_LIB_DIR = "usr/lib/x86_64-linux-gnu"
+
+_ETC_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\ntty:x:5:\n",
+    "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n",
+    "etc/hostname": "crivm\n",
+}
+
+
+def _copy(src: Path, dest: Path, mode: int | None = None) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)  # follows symlinks: the guest gets the real bytes
+    os.chmod(dest, mode if mode is not None else stat.S_IMODE(src.stat().st_mode))
+
+
+def _symlink(target: str, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
+def skeleton(root: Path) -> None:
+    for name in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "run",
+                 "tmp", "root", "mnt", "var/tmp", "etc/crivm"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    os.chmod(root / "var/tmp", 0o1777)
+    os.chmod(root / "root", 0o700)
+    for top in ("bin", "sbin", "lib", "lib64"):
+        _symlink(f"usr/{top}", root / top)
+    _symlink("../run", root / "var/run")
+    for rel, text in _ETC_FILES.items():
+        (root / rel).write_text(text)
+    (root / "init").write_text(INIT_SCRIPT)
+    os.chmod(root / "init", 0o755)
+
+
+def install_busybox(staging: Path, root: Path, applets: Iterable[str]) -> None:
+    """busybox plus one symlink per applet, placed as ``busybox --list-full`` says."""
+    _copy(staging / "bin/busybox", root / "usr/bin/busybox", 0o755)
+    for applet in applets:
+        rel = applet.strip().lstrip("/")
+        if not rel:
+            continue
+        if rel.startswith(("bin/", "sbin/")):
+            rel = "usr/" + rel  # merged /usr
+        link = root / rel
+        if link.name == "busybox" or link.exists():
+            continue
+        _symlink("/usr/bin/busybox", link)
+
+
+def install_runc(staging: Path, root: Path) -> None:
+    for candidate in ("usr/sbin/runc", "usr/bin/runc"):
+        if (staging / candidate).exists():
+            _copy(staging / candidate, root / "usr/bin/runc", 0o755)
+            _symlink("../bin/runc", root / "usr/sbin/runc")
+            return
+    raise GuestImageError("the runc package holds no runc binary")
+
+
+def install_python(staging: Path, root: Path) -> None:
+    binary = staging / f"usr/bin/python{PYTHON_MINOR}"
+    if not binary.exists():
+        raise GuestImageError(f"python{PYTHON_MINOR}-minimal holds no {binary.name}")
+    _copy(binary, root / f"usr/bin/python{PYTHON_MINOR}", 0o755)
+    _symlink(f"python{PYTHON_MINOR}", root / "usr/bin/python3")
+    src_lib = staging / f"usr/lib/python{PYTHON_MINOR}"
+    dest_lib = root / f"usr/lib/python{PYTHON_MINOR}"
+    for entry in sorted(src_lib.iterdir()):
+        if entry.name in STDLIB_EXCLUDE or entry.name == "lib-dynload":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest_lib / entry.name, symlinks=False,
+                            ignore=shutil.ignore_patterns("__pycache__", "test", "tests"))
+        else:
+            _copy(entry, dest_lib / entry.name)
+    suffix = f".cpython-{PYTHON_MINOR.replace('.', '')}-x86_64-linux-gnu.so"
+    for name in PYTHON_EXTENSIONS:
+        ext = src_lib / "lib-dynload" / (name + suffix)
+        if not ext.exists():
+            raise GuestImageError(f"the Python stdlib packages hold no {ext.name}")
+        _copy(ext, dest_lib / "lib-dynload" / ext.name)
+
+
+def install_protobuf(wheel: Path, root: Path) -> None:
+    """The pure-Python protobuf runtime, unpacked from its py3-none-any wheel."""
+    dest = root / GUEST_PYTHONPATH.lstrip("/")
+    with zipfile.ZipFile(wheel) as archive:
+        for member in sorted(archive.namelist()):
+            if not member.startswith("google/") or member.endswith("/"):
+                continue
+            if member.endswith((".so", ".pyd")):
+                raise GuestImageError(f"{wheel.name} is not pure Python: it holds {member}")
+            target = dest / member
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(member))
+            os.chmod(target, 0o644)
+
+
+def kernel_version(staging: Path) -> str:
+    versions = sorted(p.name for p in (staging / "lib/modules").iterdir() if p.is_dir())
+    if len(versions) != 1:
+        raise GuestImageError(f"expected one kernel in the image package, found {versions}")
+    return versions[0]
+
+
+def install_kernel_modules(staging: Path, root: Path, kver: str,
+                           wanted: Iterable[str] = KERNEL_MODULES) -> list[str]:
+    """Copy ``wanted`` modules and their dependencies; write the load order for init."""
+    moddir = staging / "lib/modules" / kver
+    builtin = {Path(line).stem.replace("-", "_")
+               for line in (moddir / "modules.builtin").read_text().split()}
+    index: dict[str, Path] = {}
+    for path in sorted((moddir / "kernel").rglob("*.ko")):
+        index[path.stem.replace("-", "_")] = path
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order or name in builtin:
+            return
+        if name in visiting:
+            raise GuestImageError(f"kernel module dependency cycle through {name}")
+        if name not in index:
+            raise GuestImageError(f"kernel {kver} has no module {name}")
+        visiting.add(name)
+        for dep in elf.module_depends(index[name]):
+            visit(dep.replace("-", "_"))
+        visiting.discard(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    lines = []
+    for name in order:
+        rel = index[name].relative_to(moddir).as_posix()
+        _copy(index[name], root / "usr/lib/modules" / kver / rel, 0o644)
+        lines.append(f"{name} {rel}\n")
+    (root / MODULE_LIST.lstrip("/")).write_text("".join(lines))
+    return order
+
+
+def install_libraries(staging: Path, root: Path) -> list[str]:
+    """Copy the dynamic loader and every library that the tree's ELF files need, transitively."""
+    loader = "ld-linux-x86-64.so.2"
+    found = _find_library(staging, loader)
+    _copy(found, root / _GUEST_LIB_DIR / loader, 0o755)
+    _symlink(f"../lib/x86_64-linux-gnu/{loader}", root / "usr/lib64" / loader)
+    installed = {loader}
+    pending = [p for p in _elf_files(root)]
+    while pending:
+        path = pending.pop()
+        for soname in elf.needed_libraries(path):
+            if soname in installed:
+                continue
+            dest = root / _GUEST_LIB_DIR / soname
+            _copy(_find_library(staging, soname), dest, 0o644)
+            installed.add(soname)
+            pending.append(dest)
+    return sorted(installed)
+
+
+def _find_library(staging: Path, soname: str) -> Path:
+    for lib_dir in _LIB_DIRS:
+        candidate = staging / lib_dir / soname
+        if candidate.exists():
+            return candidate
+    raise GuestImageError(
+        f"no package in the image provides {soname}; add its Debian package to the library list"
+    )
+
+
+def _elf_files(root: Path) -> list[Path]:
+    files = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file() or path.suffix == ".ko":
+                continue
+            if elf.is_elf(path):
+                files.append(path)
+    return sorted(files)
+
+
+def agent_sources(source_root: Path) -> dict[str, Path]:
+    """The crivm modules the agent imports, found by following its imports from crivm/agent.
+
+    Returns {} when crivm/agent does not exist yet. Imports of packages the guest lacks fail the
+    build here rather than at boot.
+    """
+    agent_dir = source_root / "crivm/agent"
+    if not agent_dir.is_dir():
+        return {}
+    files: dict[str, Path] = {}
+    pending = sorted(agent_dir.rglob("*.py"))
+    pending.append(source_root / "crivm/__init__.py")
+    while pending:
+        path = pending.pop()
+        rel = path.relative_to(source_root).as_posix()
+        if rel in files:
+            continue
+        files[rel] = path
+        for module in _imported_modules(path, rel):
+            top = module.split(".")[0]
+            if top == "crivm":
+                pending.extend(_module_files(source_root, module))
+            elif top not in sys.stdlib_module_names and top not in GUEST_THIRD_PARTY:
+                raise GuestImageError(
+                    f"{rel} imports {module!r}, which the guest does not have; the agent may "
+                    "import only the stdlib, protobuf and crivm's agent-side modules"
+                )
+    return dict(sorted(files.items()))
+
+
+def _module_files(source_root: Path, module: str) -> list[Path]:
+    """The files that importing ``module`` executes: each package __init__ and the module."""
+    parts = module.split(".")
+    found = []
+    for depth in range(1, len(parts) + 1):
+        base = source_root.joinpath(*parts[:depth])
+        if (base / "__init__.py").exists():
+            found.append(base / "__init__.py")
+        elif base.with_suffix(".py").exists():
+            found.append(base.with_suffix(".py"))
+    return found
+
+
+def _imported_modules(path: Path, rel: str) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=rel)
+    package = rel.removesuffix(".py").replace("/", ".")
+    if not rel.endswith("__init__.py"):
+        package = package.rpartition(".")[0]
+    else:
+        package = package.removesuffix(".__init__")
+    modules: list[str] = []
+    for node in _runtime_nodes(tree.body):
+        if isinstance(node, ast.Import):
+            modules.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base = ".".join(base_parts[:len(base_parts) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            modules.append(target)
+            # ``from pkg import mod`` may name a submodule; _module_files ignores non-files.
+            modules.extend(f"{target}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def _runtime_nodes(body: list[ast.stmt]) -> Iterable[ast.stmt]:
+    """Every statement that runs on import, skipping ``if TYPE_CHECKING`` blocks and imports
+    guarded by ``except ImportError``."""
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from _runtime_nodes(node.orelse)
+            continue
+        if isinstance(node, ast.Try) and any(
+            "ImportError" in ast.unparse(h.type) for h in node.handlers if h.type is not None
+        ):
+            continue
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt):
+                yield from _runtime_nodes([child])
+
+
+def install_agent(sources: dict[str, Path], root: Path) -> None:
+    dest = root / GUEST_PYTHONPATH.lstrip("/")
+    for rel, path in sources.items():
+        _copy(path, dest / rel, 0o644)
+
+
+def compile_python(root: Path) -> None:
+    """Precompile every module so the guest never compiles at boot (slow under TCG).
+
+    Unchecked-hash pycs do not depend on file mtimes, which keeps the image reproducible.
+    """
+    if sys.version_info[:2] != tuple(int(x) for x in PYTHON_MINOR.split(".")):
+        log.warning("host Python %s cannot write %s bytecode; the guest compiles at boot",
+                    sys.version.split()[0], PYTHON_MINOR)
+        return
+    log.debug("bytecode magic %s", importlib.util.MAGIC_NUMBER.hex())
+    for rel in (f"usr/lib/python{PYTHON_MINOR}", GUEST_PYTHONPATH.lstrip("/")):
+        directory = root / rel
+        if not directory.exists():
+            continue
+        ok = compileall.compile_dir(
+            directory, ddir="/" + rel, quiet=1, workers=0,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
+        if not ok:
+            raise GuestImageError(f"compiling the guest's Python modules under /{rel} failed")
