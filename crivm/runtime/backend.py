@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from crivm.errors import InvalidArgument
+from crivm.errors import InvalidArgument, Unavailable
 
 if TYPE_CHECKING:
+    from crivm.proto import api_pb2
     from crivm.runtime.config import Config, RuntimeHandler
+    from crivm.runtime.store import ContainerRecord, PodRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,102 @@ class HandlerFeatures:
     user_namespaces: bool = False
 
 
+# Container states as the store records them; the CRI layer maps them to ContainerState.
+CONTAINER_CREATED = "created"
+CONTAINER_RUNNING = "running"
+CONTAINER_EXITED = "exited"
+CONTAINER_UNKNOWN = "unknown"
+# Pod states as the store records them.
+POD_READY = "ready"
+POD_NOTREADY = "notready"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What a container inherits from its image's config (OCI image-spec ``config``)."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    stop_signal: str = ""
+
+    @classmethod
+    def from_oci_config(cls, image_config: Mapping[str, Any]) -> ImageSettings:
+        """From an OCI/docker image config JSON object (the one holding ``config``)."""
+        inner = image_config.get("config") or {}
+        return cls(
+            entrypoint=tuple(inner.get("Entrypoint") or ()),
+            cmd=tuple(inner.get("Cmd") or ()),
+            env=tuple(inner.get("Env") or ()),
+            working_dir=inner.get("WorkingDir") or "",
+            user=inner.get("User") or "",
+            stop_signal=inner.get("StopSignal") or "",
+        )
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """A pod to start. The CRI layer has made its store row and its network already."""
+
+    pod: PodRecord
+    config: api_pb2.PodSandboxConfig
+    # The pinned network namespace; "" when the pod uses the host network.
+    netns_path: str
+
+
+@dataclass(frozen=True)
+class ContainerRequest:
+    """A container to create in a running pod, on a rootfs the image service has mounted."""
+
+    pod: PodRecord
+    pod_config: api_pb2.PodSandboxConfig
+    container: ContainerRecord
+    config: api_pb2.ContainerConfig
+    image: ImageSettings
+    rootfs: str
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    """A container's life as the backend observed it; times in ns since the epoch, 0 = never."""
+
+    state: str
+    pid: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class BackendServices:
+    """What the daemon lends a backend when it opens: the store and the components."""
+
+    store: Store
+    components: Mapping[str, Any]
+
+
 class RuntimeBackend(Protocol):
-    """What every backend provides to the daemon. Pod/container lifecycle methods are added
-    by the backends' issue work; the CRI layer reaches them only through this protocol."""
+    """What every backend provides to the daemon; the CRI layer reaches pods and containers
+    only through this protocol, whatever runs them.
+
+    Division of work: the CRI layer owns ids, store rows, the pod network (netns + CNI) and
+    container rootfs mounts, because they are the same for every backend. A backend owns the
+    processes: the pod's infrastructure, each container's runtime state, its log and exit.
+    Methods that create things return a JSON-able dict the CRI layer merges into the row's
+    ``extra``; methods that take a record read their own state back from that ``extra``.
+    Stop and remove of something already gone succeed.
+    """
 
     runtime_type: str
 
@@ -48,6 +143,72 @@ class RuntimeBackend(Protocol):
         ...
 
     def features(self) -> HandlerFeatures:
+        ...
+
+    async def recover(self, services: BackendServices) -> None:
+        """Called once when the daemon opens, before any other lifecycle call: keep
+        ``services`` and reconcile the store's pods and containers of this handler with what
+        is really running (a container that exited while the daemon was down becomes exited)."""
+        ...
+
+    async def start_sandbox(self, request: SandboxRequest) -> dict[str, Any]:
+        """Start the pod's infrastructure; on failure leave nothing behind."""
+        ...
+
+    async def stop_sandbox(self, pod: PodRecord) -> None:
+        """Stop the infrastructure (the containers are already stopped); idempotent."""
+        ...
+
+    async def remove_sandbox(self, pod: PodRecord) -> None:
+        """Delete what start_sandbox made; idempotent."""
+        ...
+
+    async def sandbox_alive(self, pod: PodRecord) -> bool:
+        """Whether the pod's infrastructure still runs."""
+        ...
+
+    async def create_container(self, request: ContainerRequest) -> dict[str, Any]:
+        """Create (not start) the container; on failure leave nothing behind."""
+        ...
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        ...
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout_s: float
+    ) -> None:
+        """The image's stop signal (else SIGTERM), then SIGKILL after ``timeout_s``."""
+        ...
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        ...
+
+    async def container_status(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> ContainerStatus:
+        ...
+
+    async def exec_sync(
+        self,
+        pod: PodRecord,
+        container: ContainerRecord,
+        cmd: list[str],
+        timeout_s: float,
+        max_output: int,
+    ) -> ExecResult:
+        """Run ``cmd`` in the container; ``timeout_s`` 0 means none. Output past
+        ``max_output`` bytes per stream is cut off."""
+        ...
+
+    async def update_resources(
+        self,
+        pod: PodRecord,
+        container: ContainerRecord,
+        resources: api_pb2.LinuxContainerResources,
+    ) -> None:
+        ...
+
+    async def reopen_log(self, pod: PodRecord, container: ContainerRecord) -> None:
         ...
 
 
@@ -110,7 +271,8 @@ class HandlerRegistry:
 
 @dataclass
 class _Missing:
-    """A backend whose implementation is not part of this build: reports not ready."""
+    """A backend whose implementation is not part of this build: reports not ready, and
+    every lifecycle call is UNAVAILABLE."""
 
     runtime_type: str
 
@@ -121,6 +283,64 @@ class _Missing:
 
     def features(self) -> HandlerFeatures:
         return HandlerFeatures()
+
+    async def recover(self, services: BackendServices) -> None:
+        return None
+
+    def _refuse(self) -> NoReturn:
+        raise Unavailable(f"the {self.runtime_type!r} backend is not part of this build")
+
+    async def start_sandbox(self, request: SandboxRequest) -> dict[str, Any]:
+        self._refuse()
+
+    async def stop_sandbox(self, pod: PodRecord) -> None:
+        self._refuse()
+
+    async def remove_sandbox(self, pod: PodRecord) -> None:
+        self._refuse()
+
+    async def sandbox_alive(self, pod: PodRecord) -> bool:
+        return False
+
+    async def create_container(self, request: ContainerRequest) -> dict[str, Any]:
+        self._refuse()
+
+    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        self._refuse()
+
+    async def stop_container(
+        self, pod: PodRecord, container: ContainerRecord, timeout_s: float
+    ) -> None:
+        self._refuse()
+
+    async def remove_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+        self._refuse()
+
+    async def container_status(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> ContainerStatus:
+        return ContainerStatus(state=CONTAINER_UNKNOWN)
+
+    async def exec_sync(
+        self,
+        pod: PodRecord,
+        container: ContainerRecord,
+        cmd: list[str],
+        timeout_s: float,
+        max_output: int,
+    ) -> ExecResult:
+        self._refuse()
+
+    async def update_resources(
+        self,
+        pod: PodRecord,
+        container: ContainerRecord,
+        resources: api_pb2.LinuxContainerResources,
+    ) -> None:
+        self._refuse()
+
+    async def reopen_log(self, pod: PodRecord, container: ContainerRecord) -> None:
+        self._refuse()
 
 
 def _load_factory(runtime_type: str) -> Factory | None:

@@ -1,0 +1,83 @@
+"""The daemon's "network" component: a pod's network namespace and its CNI attachment.
+
+Both backends use it the same way: RunPodSandbox calls ``attach`` before the backend starts
+the pod, and Stop/RemovePodSandbox call ``detach``, which works even when the pod's
+infrastructure already died. Host-network pods get neither a netns nor a CNI attachment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from crivm.netbridge import netns
+from crivm.netbridge.cni import CniNetwork, PodNetwork, dns_from_cri, port_mappings_from_cri
+from crivm.runtime.backend import Readiness
+
+if TYPE_CHECKING:
+    from crivm.proto import api_pb2
+    from crivm.runtime.config import Config
+    from crivm.runtime.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PodAttachment:
+    """What ``attach`` made: the pinned netns and the pod's addresses (IPv4 first)."""
+
+    netns_path: str
+    ips: tuple[str, ...]
+
+
+class PodNetworkService:
+    def __init__(self, config: Config) -> None:
+        self.netns_dir = os.path.join(config.runroot, "netns")
+        self.cni = CniNetwork.from_config(config)
+
+    def readiness(self) -> Readiness:
+        ok, reason, message = self.cni.network_ready()
+        return Readiness(ok, reason, message)
+
+    def _netns_path(self, pod_id: str) -> str:
+        return os.path.join(self.netns_dir, pod_id)
+
+    def _pod_network(
+        self, pod_id: str, config: api_pb2.PodSandboxConfig, netns_path: str
+    ) -> PodNetwork:
+        return PodNetwork(
+            pod_id=pod_id,
+            netns=netns_path,
+            pod_name=config.metadata.name,
+            pod_namespace=config.metadata.namespace,
+            pod_uid=config.metadata.uid,
+            port_mappings=port_mappings_from_cri(config.port_mappings),
+            dns=dns_from_cri(config.dns_config) if config.HasField("dns_config") else None,
+        )
+
+    async def attach(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> PodAttachment:
+        """Create and pin the pod's netns, then CNI ADD. On failure nothing is left."""
+        ns = await netns.create_netns(pod_id, self.netns_dir)
+        try:
+            result = await self.cni.add(self._pod_network(pod_id, config, ns.path))
+        except BaseException:
+            await netns.remove_netns(ns.path)
+            raise
+        ips = tuple(str(ip.ip) for ip in result.pod_ips())
+        return PodAttachment(netns_path=ns.path, ips=ips)
+
+    async def check(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> None:
+        await self.cni.check(self._pod_network(pod_id, config, self._netns_path(pod_id)))
+
+    async def detach(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> None:
+        """CNI DEL, then unpin the netns; safe to repeat."""
+        path = self._netns_path(pod_id)
+        await self.cni.delete(self._pod_network(pod_id, config, path))
+        await netns.remove_netns(path)
+
+
+async def open_component(daemon: Daemon) -> PodNetworkService:
+    """The daemon's opener for the "network" component (see crivm.runtime.daemon)."""
+    return PodNetworkService(daemon.config)
