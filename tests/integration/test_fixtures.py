@@ -275,8 +275,13 @@ def test_nginx_rootfs_serves_the_page(nginx_image: PushedImage, tmp_path: Path) 
     )
     in_netns = ["nsenter", f"--target={nginx.pid}", "--net", "chroot", str(rootfs)]
     try:
-        run_tool([*in_netns, "ip", "link", "set", "lo", "up"])
         deadline = time.monotonic() + 10
+        # Until unshare has made the new netns, nsenter would land in the host's.
+        host_netns = os.readlink("/proc/self/ns/net")
+        while os.readlink(f"/proc/{nginx.pid}/ns/net") == host_netns:
+            assert time.monotonic() < deadline and nginx.poll() is None, "no new netns"
+            time.sleep(0.01)
+        run_tool([*in_netns, "ip", "link", "set", "lo", "up"])
         page = b""
         while time.monotonic() < deadline and nginx.poll() is None:
             fetch = subprocess.run(  # noqa: S603 - fixed argv, no shell
