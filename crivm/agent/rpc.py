@@ -91,6 +91,10 @@ class ConnectionLost(Exception):
     """The connection ended while a call was in flight, or before it could start."""
 
 
+class _TransportGone(Exception):
+    """Writing to the peer failed; the session's read loop will end the connection."""
+
+
 def encode_request(method: str, body: bytes) -> bytes:
     name = method.encode()
     return _METHOD_LEN.pack(len(name)) + name + body
@@ -193,7 +197,7 @@ class _ServerSession:
     async def run(self) -> None:
         try:
             await self._read_loop()
-        except (FramingError, ConnectionError) as exc:
+        except (FramingError, OSError) as exc:
             log.warning("agent connection dropped: %s", exc)
         finally:
             calls = list(self._calls.values())
@@ -263,8 +267,8 @@ class _ServerSession:
                 reply = (await method.unary(request)).SerializeToString()
         except RpcError as exc:
             await self._send_status(stream_id, end, exc.code, exc.message)
-        except (ConnectionError, FramingError):
-            pass  # the transport is gone; the read loop ends the session
+        except _TransportGone:
+            pass
         except Exception as exc:
             log.exception("agent call on stream %d failed", stream_id)
             await self._send_status(stream_id, end, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -276,22 +280,24 @@ class _ServerSession:
         async with contextlib.aclosing(messages):  # type: ignore[type-var]
             async for message in messages:
                 await window.take()
-                await write_frame(
-                    self._writer,
-                    Frame(stream_id, FrameType.DATA, message.SerializeToString()),
-                    self._server.max_payload,
-                )
+                await self._write(Frame(stream_id, FrameType.DATA, message.SerializeToString()))
 
     async def _send_status(
         self, stream_id: int, end: FrameType, code: Code, message: str, body: bytes = b""
     ) -> None:
         frame = Frame(stream_id, end, encode_status(code, message, body))
         try:
-            await write_frame(self._writer, frame, self._server.max_payload)
+            await self._write(frame)
         except FrameTooLarge as exc:
             await self._send_status(stream_id, end, Code.RESOURCE_EXHAUSTED, f"reply: {exc}")
-        except ConnectionError:
+        except _TransportGone:
             pass
+
+    async def _write(self, frame: Frame) -> None:
+        try:
+            await write_frame(self._writer, frame, self._server.max_payload)
+        except OSError as exc:
+            raise _TransportGone(str(exc)) from exc
 
 
 Incoming = Frame | Exception
@@ -392,7 +398,7 @@ class RpcClient:
             await write_frame(self._writer, frame, self._max_payload)
         except FrameTooLarge as exc:
             raise RpcError(Code.RESOURCE_EXHAUSTED, f"request: {exc}") from exc
-        except ConnectionError as exc:
+        except OSError as exc:
             raise ConnectionLost(f"sending to the agent failed: {exc}") from exc
 
     def _control(self, frame: Frame) -> None:

@@ -1,0 +1,119 @@
+"""Entry point of the in-guest agent: `python3 -m crivm.agent.main [--transport ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from crivm import __version__
+from crivm.agent.containers import Containers
+from crivm.agent.network import RESOLV_CONF, GuestNetwork
+from crivm.agent.reaper import Reaper, become_subreaper
+from crivm.agent.rpc import RpcServer
+from crivm.agent.runc import Runc
+from crivm.agent.server import AgentService
+from crivm.agent.transport import parse_endpoint, serve_forever
+
+log = logging.getLogger("crivm.agent")
+
+_LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="crivm-agent", description=__doc__)
+    parser.add_argument(
+        "--transport",
+        default="serial",
+        help="serial[:PATH] (default /dev/virtio-ports/agent.0), vsock[:PORT] (default 1024) "
+        "or unix:PATH",
+    )
+    parser.add_argument("--state-dir", default="/run/crivm-agent")
+    parser.add_argument("--runc", default="runc", help="the runc binary")
+    parser.add_argument("--resolv-conf", default=RESOLV_CONF)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    endpoint = parse_endpoint(args.transport)
+    become_subreaper()
+    state_dir = os.path.abspath(args.state_dir)
+    log_dir = os.path.join(state_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    runc = Runc(args.runc, os.path.join(state_dir, "runc"), log_dir)
+    reaper = Reaper()
+    reaper.start()
+    containers = Containers(runc, reaper, state_dir)
+    rpc = RpcServer()
+    AgentService(containers, runc, GuestNetwork(args.resolv_conf)).register(rpc)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(serve_forever(endpoint, rpc.serve_connection))
+    log.info("crivm agent %s serving on %s:%s", __version__, endpoint.kind, endpoint.address)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        serving.cancel()
+        stopped.cancel()
+        await asyncio.gather(serving, stopped, return_exceptions=True)
+        # Containers left behind would have no one to manage them: take them down with us.
+        await containers.remove_all()
+        await reaper.stop()
+    failure = serving.exception() if serving.done() and not serving.cancelled() else None
+    if failure is not None:
+        raise failure
+    log.info("agent stopped")
+
+
+def _supervise_as_init() -> None:
+    """As PID 1, fork: the child becomes the agent, this process reaps orphans.
+
+    PID 1 inherits every orphan in the guest. Leaving that to a tiny loop here keeps the agent's
+    own reaping down to the container processes it watches, which never races with asyncio's
+    reaping of the runc commands. When the agent dies, the VM powers off: the host sees the VM
+    stop instead of a guest that no longer answers.
+    """
+    agent = os.fork()
+    if agent == 0:
+        return
+    status = 0
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == agent:
+            break
+    print(f"crivm-agent: agent exited with status {status:#x}; powering off", file=sys.stderr)
+    os.sync()
+    ctypes.CDLL(None).reboot(_LINUX_REBOOT_CMD_POWER_OFF)
+    os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if os.getpid() == 1:
+        _supervise_as_init()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
