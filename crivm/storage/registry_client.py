@@ -282,4 +282,9 @@ async def _error_codes(response: aiohttp.ClientResponse) -> list[str]:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return (f"TLS failed ({exc.os_error}); if it serves plain http, mark it insecure "
+                "in registries.conf")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return str(exc) or type(exc).__name__

@@ -11,6 +11,8 @@ import pytest
 from crivm.runtime.config import Config, defaults
 from crivm.runtime.store import Store
 from crivm.storage.service import ImageService
+from tests.fixtures.registries_conf import rewrite_conf
+from tests.fixtures.registry import Registry
 
 OpenImages = Callable[..., Awaitable[ImageService]]
 
@@ -45,6 +47,18 @@ async def open_images(tmp_path: Path) -> AsyncIterator[OpenImages]:
 
 
 @pytest.fixture
-async def images(open_images: OpenImages, registries_conf: Path) -> ImageService:
+def local_registries_conf(registry: Registry, tmp_path: Path) -> Path:
+    """docker.io, registry.k8s.io and gcr.io rewritten to the local registry, which is also
+    reachable (insecure, plain http) under its own 127.0.0.1 name."""
+    path = tmp_path / "registries.conf"
+    path.write_text(
+        rewrite_conf(registry.host)
+        + f'\n[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n'
+    )
+    return path
+
+
+@pytest.fixture
+async def images(open_images: OpenImages, local_registries_conf: Path) -> ImageService:
     """An ImageService whose registries.conf sends docker.io etc. to the local registry."""
-    return await open_images(registries_conf=str(registries_conf))
+    return await open_images(registries_conf=str(local_registries_conf))

@@ -1,0 +1,123 @@
+"""A tiny distribution-API server for the failures a real registry never produces.
+
+docker-registry verifies what is pushed to it and always answers, so corrupt blobs, stalled
+downloads and a Bearer token service are served by this aiohttp app instead. It speaks just
+enough of the API for a pull: ``/v2/``, manifests by tag or digest, blobs, and ``/token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from tests.fixtures.oci_builder import Image
+
+
+@dataclass
+class FakeRegistry:
+    host: str = ""
+    manifests: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    corrupt: set[str] = field(default_factory=set)  # served with one byte flipped
+    stall: set[str] = field(default_factory=set)  # first bytes sent, then silence
+    # With bearer_user set, every /v2/ call needs a token from /token for these credentials.
+    bearer_user: tuple[str, str] | None = None
+    tokens: set[str] = field(default_factory=set)
+    requests: list[str] = field(default_factory=list)
+
+    def add_image(self, repository: str, tag: str, image: Image) -> None:
+        for blob in image.blobs():
+            self.blobs[blob.digest] = blob.data
+        entry = (image.manifest.media_type, image.manifest.data)
+        self.manifests[(repository, tag)] = entry
+        self.manifests[(repository, image.manifest_digest)] = entry
+
+    def ref(self, repository: str, tag: str) -> str:
+        return f"{self.host}/{repository}:{tag}"
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.bearer_user is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        return header.startswith("Bearer ") and header[7:] in self.tokens
+
+    def _challenge(self, repository: str) -> web.Response:
+        realm = f"http://{self.host}/token"
+        header = f'Bearer realm="{realm}",service="fake",scope="repository:{repository}:pull"'
+        return web.json_response(
+            {"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
+            headers={"WWW-Authenticate": header},
+        )
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.requests.append(f"TOKEN {request.query_string}")
+        expected = self.bearer_user or ("", "")
+        pair = f"{expected[0]}:{expected[1]}".encode()
+        if request.headers.get("Authorization") != "Basic " + base64.b64encode(pair).decode():
+            return web.Response(status=401)
+        token = secrets.token_hex(8)
+        self.tokens.add(token)
+        return web.json_response({"token": token})
+
+    async def base(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._challenge("")
+        return web.json_response({})
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        repository, reference = request.match_info["repo"], request.match_info["ref"]
+        self.requests.append(f"GET manifest {repository}:{reference}")
+        if not self._authorized(request):
+            return self._challenge(repository)
+        found = self.manifests.get((repository, reference))
+        if found is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        return web.Response(body=found[1], headers={"Content-Type": found[0]})
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        repository, digest = request.match_info["repo"], request.match_info["digest"]
+        self.requests.append(f"GET blob {digest}")
+        if not self._authorized(request):
+            return self._challenge(repository)
+        data = self.blobs.get(digest)
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if digest in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        if digest in self.stall:
+            await response.write(data[:10])
+            await asyncio.sleep(3600)
+        await response.write(data)
+        return response
+
+
+@pytest.fixture
+async def fake_registry() -> AsyncIterator[FakeRegistry]:
+    fake = FakeRegistry()
+    app = web.Application()
+    app.router.add_get("/v2/", fake.base)
+    app.router.add_get("/token", fake.token)
+    app.router.add_get(r"/v2/{repo:.+}/manifests/{ref}", fake.manifest)
+    app.router.add_get(r"/v2/{repo:.+}/blobs/{digest}", fake.blob)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fake.host = f"127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
