@@ -21,12 +21,13 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from crivm.storage.blobs import DigestMismatch
 from crivm.storage.catalog import Catalog, LayerRecord
-from crivm.storage.layer_unpack import unpack_layer
+from crivm.storage.layer_unpack import UnpackResult, unpack_layer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class LayerStore:
         work = Path(tempfile.mkdtemp(prefix="layer-", dir=self._tmp_dir))
         try:
             (work / "diff").mkdir(mode=0o755)
-            result = await asyncio.to_thread(unpack_layer, blob, work / "diff", progress)
+            result = await _unpack_in_thread(blob, work / "diff", progress)
             if result.diff_id != diff_id:
                 raise DigestMismatch(
                     f"layer {blob_digest} unpacks to {result.diff_id}, but the image config "
@@ -119,6 +120,31 @@ class LayerStore:
             if not self.diff_dir(layer.chain_id).is_dir():
                 log.error("layer %s is recorded but its files are gone; remove the images "
                           "that use it and pull them again", layer.chain_id)
+
+
+class _Stopped(Exception):
+    """Raised inside the unpack thread to stop it when the pull was cancelled."""
+
+
+async def _unpack_in_thread(
+    blob: Path, dest: Path, progress: Callable[[int], None]
+) -> UnpackResult:
+    """Unpack in a worker thread; a cancelled caller stops the thread and waits for it, so the
+    directory is no longer written to once this returns."""
+    stop = threading.Event()
+
+    def tick(count: int) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        progress(count)
+
+    future = asyncio.ensure_future(asyncio.to_thread(unpack_layer, blob, dest, tick))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.gather(future, return_exceptions=True)
+        raise
 
 
 def _new_link_id() -> str:

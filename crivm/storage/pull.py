@@ -262,7 +262,9 @@ class Puller:
             job.waiters -= 1
             job.listeners.remove(progress.touch)
             if job.waiters == 0 and not job.task.done():
-                job.task.cancel()  # every pull that wanted it has gone
+                # Every pull that wanted it has gone; wait for its cleanup before leaving.
+                job.task.cancel()
+                await asyncio.gather(job.task, return_exceptions=True)
 
     async def _fetch_layer(self, client: RegistryClient, limit: asyncio.Semaphore,
                            descriptor: Descriptor, diff_id: str, chain: str, parent: str,

@@ -176,8 +176,7 @@ class RegistryClient:
                     f"registry {self.host} requires authentication for {self.repository} "
                     "and no credentials were given"
                 )
-            pair = f"{creds.username}:{creds.password}".encode()
-            self._authorization = "Basic " + base64.b64encode(pair).decode()
+            self._authorization = _basic(creds)
         elif challenge.scheme == "bearer":
             self._authorization = "Bearer " + await self._fetch_token(challenge)
         else:
@@ -199,12 +198,12 @@ class RegistryClient:
                         "service": service, "scope": scope, "client_id": "crivm"}
                 response = await self._session.post(realm, data=form, ssl=self._realm_ssl(realm))
             else:
-                auth = None
+                headers = {}
                 if creds.username or creds.password:
-                    auth = aiohttp.BasicAuth(creds.username, creds.password)
+                    headers["Authorization"] = _basic(creds)
                 params = {"scope": scope, "service": service} if service else {"scope": scope}
                 response = await self._session.get(
-                    realm, params=params, auth=auth, ssl=self._realm_ssl(realm)
+                    realm, params=params, headers=headers, ssl=self._realm_ssl(realm)
                 )
             async with response:
                 if response.status in (401, 403):
@@ -277,6 +276,11 @@ async def _error_codes(response: aiohttp.ClientResponse) -> list[str]:
     if not isinstance(errors, list):
         return []
     return [str(e.get("code")) for e in errors if isinstance(e, dict)]
+
+
+def _basic(creds: Credentials) -> str:
+    pair = f"{creds.username}:{creds.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
 
 
 def _describe(exc: BaseException) -> str:
