@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crivm.runtime.backend import HandlerRegistry
+from crivm.runtime.backend import BackendServices, HandlerRegistry
 from crivm.runtime.config import Config
 from crivm.runtime.store import Store
 
@@ -44,6 +44,11 @@ class Daemon:
                     closer = getattr(component, "close", None)
                     if closer is not None:
                         daemon._exit_stack.push_async_callback(closer)
+            # Backends come last: they use the components, and reconcile the store with
+            # what kept running while the daemon was down.
+            services = BackendServices(store=store, components=daemon.components)
+            for backend in daemon.handlers.backends.values():
+                await backend.recover(services)
         except BaseException:
             await daemon._exit_stack.aclose()
             raise
