@@ -82,6 +82,8 @@ class SandboxRequest:
     config: api_pb2.PodSandboxConfig
     # The pinned network namespace; "" when the pod uses the host network.
     netns_path: str
+    # The pod's addresses from CNI, IPv4 first (for /etc/hosts).
+    ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class ContainerLayout:
     def oom_file(self) -> str:
         return os.path.join(self.persist_dir, "oom")
 
+    @property
+    def persisted_exit_file(self) -> str:
+        """conmon's second copy of the exit code; it survives a reboot, unlike the runroot."""
+        return os.path.join(self.persist_dir, "exit")
+
 
 @dataclass(frozen=True)
 class Stdio:
@@ -199,10 +204,14 @@ class ExitRecord:
 
 def read_exit(layout: ContainerLayout) -> ExitRecord | None:
     """The container's exit as conmon recorded it, or None while it runs."""
-    try:
-        stat = os.stat(layout.exit_file)
-        text = Path(layout.exit_file).read_text().strip()
-    except FileNotFoundError:
+    for path in (layout.exit_file, layout.persisted_exit_file):
+        try:
+            stat = os.stat(path)
+            text = Path(path).read_text().strip()
+            break
+        except FileNotFoundError:
+            continue
+    else:
         return None
     try:
         code = int(text)
