@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from crivm.errors import AlreadyExists, NotFound
+from crivm.storage import rootfs as rootfs_mod
 from crivm.storage.service import ImageService
 from tests.fixtures.images import PushedImage
 from tests.fixtures.registry import Registry
@@ -113,7 +113,7 @@ async def test_restart_keeps_images_and_rootfs(
     assert (again.path / "state").read_text() == "kept"
     # The mount is gone after a host reboot; get_rootfs mounts it again.
     await second.remove_rootfs("other-not-there")
-    subprocess.run(["umount", str(again.path)], check=True, timeout=30)  # noqa: S603, S607
+    await rootfs_mod.unmount(again.path)
     assert not os.path.ismount(again.path)
     remounted = await second.get_rootfs("survivor")
     assert (remounted.path / "state").read_text() == "kept"
