@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -82,19 +82,21 @@ def ipam_reserved(tmp_path: Path) -> list[str]:
 
 async def iptables_nat_rules() -> str:
     proc = await asyncio.create_subprocess_exec(
-        "iptables", "-w", "-t", "nat", "-S", stdout=asyncio.subprocess.PIPE)
+        "iptables", "-w", "-t", "nat", "-S", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return out.decode()
 
 
-async def http_get(host: str, port: int, timeout: float = 5.0) -> str:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    try:
-        writer.write(f"GET /marker.txt HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        await writer.drain()
-        return (await asyncio.wait_for(reader.read(), timeout)).decode(errors="replace")
-    finally:
-        writer.close()
+async def http_get(host: str, port: int, deadline_s: float = 5.0) -> str:
+    async with asyncio.timeout(deadline_s):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET /marker.txt HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            return (await reader.read()).decode(errors="replace")
+        finally:
+            writer.close()
 
 
 def free_host_port() -> int:
@@ -207,7 +209,7 @@ async def test_pod_ip_and_host_port_reach_a_server_in_the_netns(
     finally:
         await cni_test_network.delete(pod)
     with pytest.raises(OSError):
-        await http_get("127.0.0.1", host_port, timeout=2.0)
+        await http_get("127.0.0.1", host_port, deadline_s=2.0)
 
 
 async def test_two_pods_get_distinct_ips(
@@ -224,7 +226,7 @@ async def test_two_pods_get_distinct_ips(
 
 async def test_timing_netns_create_add_del(
     netns_factory: NetnsFactory, cni_test_network: TrackingCniNetwork,
-    record_property: pytest.RecordProperty,
+    record_property: Callable[[str, object], None],
 ) -> None:
     # Warm up once: the first ADD also creates the bridge and the shared iptables chains.
     warm = await netns_factory.create("warm")
