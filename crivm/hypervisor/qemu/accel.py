@@ -1,0 +1,62 @@
+"""Choose KVM or TCG, and the agent transport, from what this host really does.
+
+``/dev/kvm`` may exist while a KVM guest never runs, so ``auto`` trusts only the bounded boot
+probe in ``kvm_probe``. The answer is cached under runroot (a tmpfs), which keeps it for the
+host's uptime and drops it on reboot, when the answer may change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from crivm.hypervisor.qemu import kvm_probe
+from crivm.hypervisor.qemu.cmdline import AccelKind
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "accel.json"
+AgentTransportKind = Literal["vsock", "virtio-serial"]
+VHOST_VSOCK = Path("/dev/vhost-vsock")
+
+
+async def choose_accel(requested: str, qemu_path: str, runroot: Path,
+                       probe_timeout_s: float = 3.0) -> AccelKind:
+    """``requested`` is the config's ``accel``: kvm, tcg, or auto (probe, then cache)."""
+    if requested == "kvm":
+        return "kvm"
+    if requested == "tcg":
+        return "tcg"
+    cache = runroot / CACHE_FILE
+    key = {"qemu": qemu_path, "host_kernel": os.uname().release}
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
+            accel: AccelKind = cached["accel"]
+            return accel
+    except (OSError, ValueError):
+        pass
+    result = await kvm_probe.probe("kvm", qemu_path, probe_timeout_s)
+    accel = "kvm" if result.works else "tcg"
+    if result.works:
+        log.info("KVM runs guests: VMs use KVM")
+    else:
+        log.warning("KVM does not run guests here (%s): VMs use TCG, which is much slower",
+                    result.detail)
+    runroot.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{CACHE_FILE}.tmp")
+    tmp.write_text(json.dumps({"key": key, "accel": accel, "detail": result.detail}))
+    os.replace(tmp, cache)
+    return accel
+
+
+def choose_agent_transport(requested: str, vhost_vsock: Path = VHOST_VSOCK) -> AgentTransportKind:
+    """vsock where the host has vhost-vsock, virtio-serial otherwise (or when configured)."""
+    if requested == "virtio-serial":
+        return "virtio-serial"
+    if requested == "vsock":
+        return "vsock"
+    return "vsock" if vhost_vsock.exists() else "virtio-serial"

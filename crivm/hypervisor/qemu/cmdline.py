@@ -1,0 +1,264 @@
+"""The QEMU command line as data: frozen dataclasses in, argv out, with no I/O.
+
+Each device renders itself for the machine type, because q35 takes ``virtio-*-pci`` devices and
+microvm takes the ``virtio-*-device`` (virtio-mmio) variants of the same device. Everything here
+can be tested without QEMU; running and controlling the VM live in ``vm.py`` and ``qmp.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MachineType = Literal["q35", "microvm"]
+AccelKind = Literal["kvm", "tcg"]
+
+MEMORY_BACKEND_ID = "mem0"
+CONSOLE_ID = "console0"
+QMP_ID = "qmp0"
+AGENT_PORT_NAME = "agent.0"
+AGENT_VSOCK_PORT = 1024
+
+
+def _opts(head: str, **props: str | int | bool | None) -> str:
+    """``head,key=value,...`` with booleans as on/off; None values are left out."""
+    parts = [head]
+    for key, value in props.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        text = str(value)
+        if "," in text:
+            # QEMU escapes a comma inside an option value by doubling it.
+            text = text.replace(",", ",,")
+        parts.append(f"{key.replace('_', '-')}={text}")
+    return ",".join(parts)
+
+
+def virtio_driver(base: str, machine: MachineType) -> str:
+    """``virtio-net`` -> ``virtio-net-pci`` on q35, ``virtio-net-device`` on microvm."""
+    return f"{base}-device" if machine == "microvm" else f"{base}-pci"
+
+
+@dataclass(frozen=True)
+class Machine:
+    type: MachineType = "q35"
+    accel: AccelKind = "tcg"
+    # TCG translation cache in MiB; 0 keeps QEMU's default (which is large, so pods lower it).
+    tcg_tb_size_mb: int = 0
+
+    def argv(self) -> list[str]:
+        if self.type == "microvm":
+            # The guest finds virtio-mmio devices through ACPI; no PCI, no option ROMs. The PIT
+            # and PIC stay: Debian's kernel hangs before its first console line without them.
+            machine = _opts("microvm", memory_backend=MEMORY_BACKEND_ID, x_option_roms=False,
+                            isa_serial=True, pcie=False, rtc=True)
+        else:
+            # Devices nobody uses cost probe time under TCG.
+            machine = _opts("q35", memory_backend=MEMORY_BACKEND_ID, smbus=False, sata=False,
+                            vmport="off", usb=False)
+        if self.accel == "kvm":
+            return ["-machine", machine, "-accel", "kvm", "-cpu", "host"]
+        accel = _opts("tcg", tb_size=self.tcg_tb_size_mb or None)
+        return ["-machine", machine, "-accel", accel, "-cpu", "max"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    path: str
+    initrd: str
+    cmdline: str
+
+    def argv(self) -> list[str]:
+        return ["-kernel", self.path, "-initrd", self.initrd, "-append", self.cmdline]
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Guest RAM as a shared memfd: vhost-user devices (virtiofsd) map it from another process."""
+
+    size_mb: int
+    vcpus: int = 1
+
+    def argv(self) -> list[str]:
+        backend = _opts("memory-backend-memfd", id=MEMORY_BACKEND_ID, size=f"{self.size_mb}M",
+                        share=True)
+        return ["-object", backend, "-m", f"{self.size_mb}M", "-smp", str(self.vcpus)]
+
+
+@dataclass(frozen=True)
+class VirtioFs:
+    """A vhost-user-fs device served by virtiofsd on ``socket_path``; the guest mounts ``tag``."""
+
+    id: str
+    socket_path: str
+    tag: str
+    queue_size: int = 1024
+
+    def argv(self, machine: MachineType) -> list[str]:
+        chardev = f"{self.id}-sock"
+        return [
+            "-chardev", _opts("socket", id=chardev, path=self.socket_path),
+            "-device", _opts(virtio_driver("vhost-user-fs", machine), id=self.id,
+                             chardev=chardev, tag=self.tag, queue_size=self.queue_size),
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioSerialAgent:
+    """The agent channel as a named virtio-serial port; the host side is a listening socket."""
+
+    socket_path: str
+    port_name: str = AGENT_PORT_NAME
+
+    @property
+    def kernel_arg(self) -> str:
+        return f"crivm.agent=virtio-serial:{self.port_name}"
+
+    def argv(self, machine: MachineType) -> list[str]:
+        return [
+            "-device", _opts(virtio_driver("virtio-serial", machine), id="vser0"),
+            "-chardev", _opts("socket", id="agent0", path=self.socket_path, server=True,
+                              wait=False),
+            "-device", _opts("virtserialport", bus="vser0.0", chardev="agent0",
+                             name=self.port_name, id="agentport0"),
+        ]
+
+
+@dataclass(frozen=True)
+class VsockAgent:
+    """The agent channel over vhost-vsock: needs /dev/vhost-vsock on the host."""
+
+    guest_cid: int
+    port: int = AGENT_VSOCK_PORT
+
+    @property
+    def kernel_arg(self) -> str:
+        return f"crivm.agent=vsock:{self.port}"
+
+    def argv(self, machine: MachineType) -> list[str]:
+        return ["-device", _opts(virtio_driver("vhost-vsock", machine), id="vsock0",
+                                 guest_cid=self.guest_cid)]
+
+
+@dataclass(frozen=True)
+class TapNetwork:
+    """A tap the host made (by name, or an fd passed to QEMU) behind a virtio-net device."""
+
+    id: str
+    mac: str
+    ifname: str | None = None
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ifname is None) == (self.fd is None):
+            raise ValueError("TapNetwork needs exactly one of ifname and fd")
+
+    def netdev_props(self) -> dict[str, str]:
+        """The netdev as QMP ``netdev_add`` arguments (hotplug) and as the -netdev option."""
+        props = {"type": "tap", "id": self.id, "script": "no", "downscript": "no",
+                 "vhost": "off"}
+        if self.fd is not None:
+            props["fd"] = str(self.fd)
+        else:
+            props["ifname"] = str(self.ifname)
+        return props
+
+    def argv(self, machine: MachineType) -> list[str]:
+        props = self.netdev_props()
+        netdev = _opts(props.pop("type"), **props)
+        return [
+            "-netdev", netdev,
+            "-device", _opts(virtio_driver("virtio-net", machine), id=f"{self.id}-dev",
+                             netdev=self.id, mac=self.mac),
+        ]
+
+
+@dataclass(frozen=True)
+class Console:
+    """The guest serial console, appended to a per-VM log file."""
+
+    log_path: str
+
+    def argv(self) -> list[str]:
+        return ["-chardev", _opts("file", id=CONSOLE_ID, path=self.log_path),
+                "-serial", f"chardev:{CONSOLE_ID}"]
+
+
+@dataclass(frozen=True)
+class Qmp:
+    socket_path: str
+
+    def argv(self) -> list[str]:
+        return ["-chardev", _opts("socket", id=QMP_ID, path=self.socket_path, server=True,
+                                  wait=False),
+                "-mon", f"chardev={QMP_ID},mode=control"]
+
+
+@dataclass(frozen=True)
+class Rng:
+    """virtio-rng fed from the host, so the guest's getrandom() never waits for entropy."""
+
+    source: str = "/dev/urandom"
+
+    def argv(self, machine: MachineType) -> list[str]:
+        return ["-object", _opts("rng-random", id="rng0", filename=self.source),
+                "-device", _opts(virtio_driver("virtio-rng", machine), rng="rng0")]
+
+
+# seccomp: no obsolete syscalls, no setuid, no fork/exec, no scheduler/affinity changes.
+SANDBOX = _opts("on", obsolete="deny", elevateprivileges="deny", spawn="deny",
+                resourcecontrol="deny")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    machine: Machine
+    kernel_path: str
+    initrd_path: str
+    memory: Memory
+    console: Console
+    qmp: Qmp
+    agent: VirtioSerialAgent | VsockAgent
+    filesystems: tuple[VirtioFs, ...] = ()
+    networks: tuple[TapNetwork, ...] = ()
+    rng: Rng | None = field(default_factory=Rng)
+    extra_kernel_args: tuple[str, ...] = ()
+    pidfile: str | None = None
+    sandbox: bool = True
+
+
+def kernel_cmdline(config: VmConfig) -> str:
+    # panic=-1 turns a guest panic into a reboot, which -no-reboot turns into QEMU exiting.
+    args = ["console=ttyS0", "panic=-1", "quiet", config.agent.kernel_arg]
+    if config.machine.type == "microvm":
+        # No PCI probing on microvm; reboot through the keyboard controller is absent too.
+        args += ["pci=off", "reboot=t"]
+    args += config.extra_kernel_args
+    return " ".join(args)
+
+
+def build_argv(qemu_path: str, config: VmConfig) -> list[str]:
+    """The full QEMU argv for ``config``."""
+    machine = config.machine.type
+    argv = [qemu_path, "-name", _opts(config.name, debug_threads=True),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    if config.sandbox:
+        argv += ["-sandbox", SANDBOX]
+    argv += config.machine.argv()
+    argv += config.memory.argv()
+    argv += Kernel(config.kernel_path, config.initrd_path, kernel_cmdline(config)).argv()
+    argv += config.console.argv()
+    argv += config.qmp.argv()
+    argv += config.agent.argv(machine)
+    for fs in config.filesystems:
+        argv += fs.argv(machine)
+    for net in config.networks:
+        argv += net.argv(machine)
+    if config.rng is not None:
+        argv += config.rng.argv(machine)
+    if config.pidfile:
+        argv += ["-pidfile", config.pidfile]
+    return argv

@@ -1,0 +1,30 @@
+"""Tie a child process's life to its owner's: the argv prefix that sets PR_SET_PDEATHSIG.
+
+``setpriv --pdeathsig KILL`` (util-linux) sets the signal and execs the real program, so QEMU or
+virtiofsd gets SIGKILL when the process that started it dies. This avoids ``preexec_fn``, which
+is unsafe in a process that has threads (grpc's), and needs no helper of our own.
+
+Two limits, both on purpose:
+- The kernel sends the signal when the *thread* that forked the child exits. crivm forks from
+  the event-loop thread, which lives as long as the process.
+- The owner is whoever calls ``launch``. VM pods must outlive a daemon restart, so the vm backend
+  should launch each VM from a per-pod owner process (a small supervisor, like conmon for a
+  container) rather than from the daemon. Then a daemon restart leaves the VM running, while a
+  dead supervisor still leaves no orphaned qemu behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SETPRIV = "/usr/bin/setpriv"
+
+
+def die_with_owner(argv: list[str], setpriv: str = SETPRIV) -> list[str]:
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+
+
+def open_log(path: Path) -> int:
+    """An append-only fd for a child's stdout/stderr; the caller closes it after the spawn."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
