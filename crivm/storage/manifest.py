@@ -156,4 +156,8 @@ def _descriptor(raw: Any, what: str) -> Descriptor:
     digest, size, media_type = raw.get("digest"), raw.get("size"), raw.get("mediaType", "")
     if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
         raise BadManifest(f"{what}: descriptor needs a digest and a size")
-    return Descriptor(str(media_type), validate_digest(digest), size)
+    try:
+        validate_digest(digest)
+    except InvalidArgument as exc:
+        raise BadManifest(f"{what}: {exc}") from exc
+    return Descriptor(str(media_type), digest, size)
