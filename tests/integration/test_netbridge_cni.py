@@ -206,6 +206,10 @@ async def test_pod_ip_and_host_port_reach_a_server_in_the_netns(
             assert "served-from-the-pod" in by_pod_ip
             by_host_port = await http_get("127.0.0.1", host_port)
             assert "served-from-the-pod" in by_host_port
+            # portmap (snat) lets 127.0.0.1 be routed to the bridge; without it DNAT'd
+            # loopback traffic is dropped as martian.
+            localnet = Path(f"/proc/sys/net/ipv4/conf/{TEST_BRIDGE}/route_localnet")
+            assert localnet.read_text().strip() == "1"
     finally:
         await cni_test_network.delete(pod)
     with pytest.raises(OSError):
