@@ -173,3 +173,24 @@ def default_conflist() -> dict[str, Any]:
 def default_conflist_text() -> str:
     """The default conflist file content, pretty-printed with a trailing newline."""
     return json.dumps(default_conflist(), indent=2) + "\n"
+
+
+def install_default_conflist(config_dir: str) -> Path | None:
+    """Write the default conflist into ``config_dir`` unless a usable network is already there.
+
+    Returns the path written, or None when an existing config was kept (an admin's own
+    network always wins over ours).
+    """
+    existing, _ = find_network(config_dir)
+    if existing is not None:
+        return None
+    path = Path(config_dir) / DEFAULT_CONFLIST_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(default_conflist_text())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", f"cannot be written: {exc.strerror}") from exc
+    log.info("wrote the default CNI network to %s", path)
+    return path

@@ -125,3 +125,18 @@ def test_default_conflist_plugins_exist_on_this_host() -> None:
         pytest.skip("containernetworking-plugins not installed")
     for ptype in parse_conflist(cni_config.default_conflist()).plugin_types:
         assert find_plugin(ptype, ["/usr/lib/cni"]), ptype
+
+
+def test_install_default_conflist_only_when_no_network_exists(tmp_path: Path) -> None:
+    conf_dir = tmp_path / "net.d"
+    written = cni_config.install_default_conflist(str(conf_dir))
+    assert written == conf_dir / "10-crivm.conflist"
+    net, _ = find_network(str(conf_dir))
+    assert net is not None and net.name == "crivm"
+    assert cni_config.install_default_conflist(str(conf_dir)) is None  # kept, not rewritten
+
+    admin_dir = tmp_path / "admin"
+    admin_dir.mkdir()
+    write(admin_dir, "05-admin.conflist", GOOD)
+    assert cni_config.install_default_conflist(str(admin_dir)) is None
+    assert sorted(p.name for p in admin_dir.iterdir()) == ["05-admin.conflist"]
