@@ -164,8 +164,8 @@ def fake_pod(pod_id: str = "pod1") -> PodNetwork:
 
 
 async def test_add_chains_prev_result_and_caches_it(tmp_path: Path) -> None:
-    second = {"type": "second", "capabilities": {"portMappings": True}}
-    network, log = make_chain(tmp_path, [{"type": "first"}, second])
+    with_caps = {"type": "second", "capabilities": {"portMappings": True}}
+    network, log = make_chain(tmp_path, [{"type": "first"}, with_caps])
     result = await network.add(fake_pod())
     assert [str(ip) for ip in result.pod_ips()] == ["10.9.0.2/24"]
     assert result.dns.search == ("first", "second")
