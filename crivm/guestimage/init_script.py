@@ -3,8 +3,9 @@
 Contract with the host (kernel command line, read from /proc/cmdline):
 - ``crivm.agent=virtio-serial:<port name>`` or ``crivm.agent=vsock:<port>`` says where the agent
   listens. Init waits (bounded) for a named virtio-serial port to appear, links it as
-  /dev/virtio-ports/<name> (there is no udev), and passes the choice to the agent as
-  CRIVM_AGENT_TRANSPORT plus CRIVM_AGENT_DEVICE or CRIVM_AGENT_VSOCK_PORT.
+  /dev/virtio-ports/<name> (there is no udev), and starts the agent with
+  ``--transport serial:/dev/virtio-ports/<name>`` or ``--transport vsock:<port>``; the same
+  choice is exported as CRIVM_AGENT_TRANSPORT plus CRIVM_AGENT_DEVICE or CRIVM_AGENT_VSOCK_PORT.
 - ``<module>.<param>=<value>`` words reach that module's insmod, as modprobe would do; microvm
   needs this for ``virtio_mmio.device=``.
 
@@ -83,11 +84,13 @@ for word in $CMDLINE; do
     esac
 done
 
+AGENT_ENDPOINT=serial
 case "$AGENT_TRANSPORT" in
     virtio-serial:*)
         port_name="${AGENT_TRANSPORT#virtio-serial:}"
         export CRIVM_AGENT_TRANSPORT=virtio-serial
         export CRIVM_AGENT_DEVICE="/dev/virtio-ports/$port_name"
+        AGENT_ENDPOINT="serial:$CRIVM_AGENT_DEVICE"
         # Ports are announced asynchronously after virtio_console loads; wait up to 10 s.
         tries=0
         link_virtio_ports
@@ -101,6 +104,7 @@ case "$AGENT_TRANSPORT" in
     vsock:*)
         export CRIVM_AGENT_TRANSPORT=vsock
         export CRIVM_AGENT_VSOCK_PORT="${AGENT_TRANSPORT#vsock:}"
+        AGENT_ENDPOINT="vsock:$CRIVM_AGENT_VSOCK_PORT"
         ;;
     *)
         link_virtio_ports
@@ -115,7 +119,7 @@ export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python
 say "init done"
 
 if [ -e /usr/lib/crivm/crivm/agent/main.py ]; then
-    python3 -S -m crivm.agent.main
+    python3 -S -m crivm.agent.main --transport "$AGENT_ENDPOINT"
     say "agent exited with status $?"
 else
     say "no agent in this image; idling"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
@@ -33,6 +34,11 @@ class QmpControl:
         """Connect, retrying while QEMU has not created or opened the socket yet."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        # Connecting before QEMU made the socket only fills the log with library errors.
+        while True:
+            if os.path.exists(socket_path) or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
         while True:
             try:
                 await asyncio.wait_for(self._client.connect(socket_path),
