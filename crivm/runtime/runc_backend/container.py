@@ -173,7 +173,13 @@ async def create(
         ))
         undo.commit()
     log.info("created container %s (pid %d)", ctr.id, pid, extra=extra)
-    return {"pid": pid, "log_path": layout.log_path, "stop_signal": request.image.stop_signal}
+    return {
+        "pid": pid,
+        "log_path": layout.log_path,
+        "stop_signal": request.image.stop_signal,
+        "user": {"uid": process_user.uid, "gid": process_user.gid,
+                 "groups": list(process_user.additional_gids)},
+    }
 
 
 async def start(env: RuncEnvironment, container: ContainerRecord) -> None:

@@ -23,6 +23,7 @@ from crivm.runtime.runc_backend.environment import (
     write_spec,
 )
 from crivm.runtime.runc_backend.host import remove_cgroup
+from crivm.runtime.runc_backend.oci import process_alive
 from crivm.runtime.runc_backend.pod_files import remove_pod_files, write_pod_files
 from crivm.runtime.store import PodRecord
 from crivm.runtime.undo import UndoSteps
@@ -127,5 +128,7 @@ async def remove(env: RuncEnvironment, images: ImageService, pod: PodRecord) -> 
 
 
 async def alive(env: RuncEnvironment, pod: PodRecord) -> bool:
-    state = await env.runtime.state(pod.id)
-    return state is not None and state.status == "running"
+    """Cheap: the infra's exit file, else whether its pid lives (no runc call per pod)."""
+    if conmon.read_exit(infra_layout(env, pod.id)) is not None:
+        return False
+    return process_alive(int(pod.extra.get("infra_pid", 0)))

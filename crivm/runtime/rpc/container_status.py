@@ -1,0 +1,24 @@
+"""ContainerStatus: state, exit code and reason, times, image, mounts, log path."""
+
+from __future__ import annotations
+
+import json
+
+from crivm.proto import api_pb2
+from crivm.runtime.cri_messages import container_status
+from crivm.runtime.daemon import Daemon
+from crivm.runtime.records import pod_of, refresh_container, require_container
+
+
+async def handle(
+    daemon: Daemon, request: api_pb2.ContainerStatusRequest
+) -> api_pb2.ContainerStatusResponse:
+    ctr = require_container(daemon, request.container_id)
+    pod = pod_of(daemon, ctr)
+    ctr = await refresh_container(daemon, pod, ctr)
+    response = api_pb2.ContainerStatusResponse(status=container_status(ctr))
+    if request.verbose:
+        response.info["info"] = json.dumps(
+            {"sandboxID": pod.id, "handler": pod.handler, **ctr.extra}
+        )
+    return response

@@ -1,0 +1,24 @@
+"""StartContainer: start a created container."""
+
+from __future__ import annotations
+
+import logging
+
+from crivm.proto import api_pb2
+from crivm.runtime.backend import CONTAINER_RUNNING
+from crivm.runtime.daemon import Daemon
+from crivm.runtime.records import backend_of, pod_of, require_container
+from crivm.runtime.store import now_ns
+
+log = logging.getLogger(__name__)
+
+
+async def handle(
+    daemon: Daemon, request: api_pb2.StartContainerRequest
+) -> api_pb2.StartContainerResponse:
+    ctr = require_container(daemon, request.container_id)
+    pod = pod_of(daemon, ctr)
+    await backend_of(daemon, pod).start_container(pod, ctr)
+    daemon.store.update_container(ctr.id, state=CONTAINER_RUNNING, started_at=now_ns())
+    log.info("started container %s", ctr.id, extra={"container_id": ctr.id, "pod_id": pod.id})
+    return api_pb2.StartContainerResponse()
