@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.registries_conf",
     "tests.fixtures.netns",
+    "tests.fixtures.agent",
 ]
