@@ -99,8 +99,10 @@ class Puller:
         self.chains_in_use: dict[str, int] = {}
 
     async def close(self) -> None:
-        for task in list(self._pulls.values()):
+        tasks = list(self._pulls.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 

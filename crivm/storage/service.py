@@ -142,8 +142,9 @@ class ImageService:
         if record is None:
             return
         ref = None if looks_like_image_id(image) else _parse_or_none(image)
-        if ref is not None and not ref.digest and len(record.repo_tags) > 1:
-            self._catalog.remove_name(_record_name(ref))
+        tag = ref.tagged() if ref is not None and not ref.digest else None
+        if tag in record.repo_tags and len(record.repo_tags) > 1:
+            self._catalog.remove_name(tag)
             log.info("untagged %s from image %s", image, record.id)
             return
         self._catalog.remove_image(record.id)

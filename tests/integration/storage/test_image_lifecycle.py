@@ -50,6 +50,11 @@ async def test_remove_by_tag_id_digest_and_gc(
     await images.remove("busybox:1.36")
     record = images.resolve(busybox.id)
     assert record is not None and record.repo_tags == ("docker.io/library/busybox:latest",)
+    # An id prefix names the whole image, not a tag, even though it parses as a name.
+    await images.pull("busybox:1.36")
+    await images.remove(busybox.id[7:19])
+    assert images.resolve(busybox.id) is None
+    busybox = await images.pull("busybox:latest")
     # By digest: gone; its only layer is still used by the multilayer image, so kept.
     await images.remove(busybox.repo_digests[0])
     assert images.resolve(busybox.id) is None
