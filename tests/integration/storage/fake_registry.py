@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -28,6 +32,9 @@ class FakeRegistry:
     stall: set[str] = field(default_factory=set)  # first bytes sent, then silence
     # With bearer_user set, every /v2/ call needs a token from /token for these credentials.
     bearer_user: tuple[str, str] | None = None
+    # An OAuth2 refresh token that /token accepts by POST (CRI identity_token).
+    refresh_token: str = ""
+    scheme: str = "http"
     tokens: set[str] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
 
@@ -50,7 +57,7 @@ class FakeRegistry:
         return header.startswith("Bearer ") and header[7:] in self.tokens
 
     def _challenge(self, repository: str) -> web.Response:
-        realm = f"http://{self.host}/token"
+        realm = f"{self.scheme}://{self.host}/token"
         header = f'Bearer realm="{realm}",service="fake",scope="repository:{repository}:pull"'
         return web.json_response(
             {"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
@@ -66,6 +73,15 @@ class FakeRegistry:
         token = secrets.token_hex(8)
         self.tokens.add(token)
         return web.json_response({"token": token})
+
+    async def token_by_refresh(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        self.requests.append(f"POST TOKEN {form.get('grant_type')} {form.get('scope')}")
+        if not self.refresh_token or form.get("refresh_token") != self.refresh_token:
+            return web.Response(status=401)
+        token = secrets.token_hex(8)
+        self.tokens.add(token)
+        return web.json_response({"access_token": token})
 
     async def base(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -101,17 +117,18 @@ class FakeRegistry:
         return response
 
 
-@pytest.fixture
-async def fake_registry() -> AsyncIterator[FakeRegistry]:
-    fake = FakeRegistry()
+@contextlib.asynccontextmanager
+async def serve(tls: ssl.SSLContext | None = None) -> AsyncIterator[FakeRegistry]:
+    fake = FakeRegistry(scheme="https" if tls else "http")
     app = web.Application()
     app.router.add_get("/v2/", fake.base)
     app.router.add_get("/token", fake.token)
+    app.router.add_post("/token", fake.token_by_refresh)
     app.router.add_get(r"/v2/{repo:.+}/manifests/{ref}", fake.manifest)
     app.router.add_get(r"/v2/{repo:.+}/blobs/{digest}", fake.blob)
     runner = web.AppRunner(app, shutdown_timeout=1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     server = site._server
     assert server is not None
@@ -121,3 +138,41 @@ async def fake_registry() -> AsyncIterator[FakeRegistry]:
         yield fake
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def fake_registry() -> AsyncIterator[FakeRegistry]:
+    async with serve() as fake:
+        yield fake
+
+
+@dataclass(frozen=True)
+class ThrowawayCA:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.server_cert, self.server_key)
+        return context
+
+
+@pytest.fixture
+def throwaway_ca(tmp_path: Path) -> ThrowawayCA:
+    """A throwaway CA and a server certificate for IP 127.0.0.1, made with openssl(1)."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=crivm test CA", "-keyout", "ca.key", "-out", "ca.crt"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", "server.key", "-out", "server.csr"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.crt"],
+    ]
+    for step in steps:
+        subprocess.run(["openssl", *step], cwd=d, check=True, capture_output=True,  # noqa: S603, S607
+                       timeout=60)
+    return ThrowawayCA(d / "ca.crt", d / "server.crt", d / "server.key")
