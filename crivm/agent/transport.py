@@ -83,7 +83,7 @@ async def _serve_serial(path: str, serve: Serve) -> None:
             # A pty stands in for the port in tests; the line discipline must not touch bytes.
             tty.setraw(fd)
         started = loop.time()
-        reader, writer, read_transport = await _char_device_streams(loop, fd)
+        reader, writer, read_transport = await char_device_streams(fd)
         try:
             await serve(reader, writer)
         finally:
@@ -94,10 +94,33 @@ async def _serve_serial(path: str, serve: Serve) -> None:
             log.info("host left %s; waiting for it to reconnect", path)
 
 
-async def _char_device_streams(
-    loop: asyncio.AbstractEventLoop, fd: int
+class _WriteProtocol(asyncio.streams.FlowControlMixin):
+    """Flow control for a write pipe transport, plus the close waiter StreamWriter needs.
+
+    asyncio's FlowControlMixin lacks the waiter, so StreamWriter.wait_closed() would raise.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+
+async def char_device_streams(
+    fd: int,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
-    """Stream reader and writer over one character device, through two pipe transports."""
+    """Stream reader and writer over one character device, through two pipe transports.
+
+    Takes ownership of `fd`. Closing the writer and the returned read transport releases it.
+    """
+    loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     read_file = os.fdopen(fd, "rb", buffering=0)
     try:
@@ -109,7 +132,7 @@ async def _char_device_streams(
         lambda: asyncio.StreamReaderProtocol(reader), read_file
     )
     write_transport, write_protocol = await loop.connect_write_pipe(
-        lambda: asyncio.streams.FlowControlMixin(loop), write_file
+        lambda: _WriteProtocol(loop), write_file
     )
     writer = asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
     return reader, writer, read_transport
