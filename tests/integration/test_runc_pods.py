@@ -1,0 +1,164 @@
+"""Trusted pods on runc through a real crivm daemon: lifecycle, logs, exec, exit codes, OOM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import grpc
+import pytest
+
+from crivm.proto import api_pb2
+from tests.fixtures.daemon import TEST_SUBNET, CrivmDaemon
+from tests.fixtures.images import PushedImage
+
+pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.registry]
+
+BUSYBOX = "docker.io/library/busybox:latest"
+CRI_LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) [FP] (.*)$"
+)
+
+
+def busybox(name: str, script: str, **kwargs: object) -> api_pb2.ContainerConfig:
+    return api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name=name),
+        image=api_pb2.ImageSpec(image=BUSYBOX),
+        command=["/bin/sh", "-c", script],
+        log_path=f"{name}.log",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def read_log(pod_config: api_pb2.PodSandboxConfig, name: str) -> list[tuple[str, str]]:
+    """(stream, text) per line of a container's CRI-format log."""
+    entries = []
+    with open(os.path.join(pod_config.log_directory, f"{name}.log")) as fh:
+        for line in fh:
+            match = CRI_LOG_LINE.match(line.rstrip("\n"))
+            assert match, f"not a CRI log line: {line!r}"
+            entries.append((match.group(2), match.group(3)))
+    return entries
+
+
+def test_busybox_pod_lifecycle(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("lifecycle", labels={"app": "lifecycle"})
+    pod_id = cri.run_pod(pod_config)
+    assert re.fullmatch(r"[0-9a-f]{64}", pod_id)
+
+    status = cri.pod_status(pod_id).status
+    assert status.state == api_pb2.SANDBOX_READY
+    assert status.network.ip.startswith(TEST_SUBNET.split(".0.0/")[0] + ".")
+    assert status.labels["app"] == "lifecycle"
+
+    ctr_id = cri.create(pod_id, busybox("hello", "echo hello; echo oops >&2; hostname; exit 3"),
+                        pod_config)
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_CREATED
+    cri.start(ctr_id)
+    exited = cri.wait_exited(ctr_id)
+    assert exited.exit_code == 3
+    assert exited.reason == "Error"
+    assert exited.started_at > 0 and exited.finished_at >= exited.started_at
+    assert exited.log_path == os.path.join(pod_config.log_directory, "hello.log")
+    # stdout and stderr are separate pipes, so only each stream's own order is fixed.
+    assert sorted(read_log(pod_config, "hello")) == [
+        ("stderr", "oops"), ("stdout", "hello"), ("stdout", "lifecycle"),
+    ]
+
+    # Lists and their filters; crictl passes id prefixes.
+    listed = cri.runtime.ListContainers(api_pb2.ListContainersRequest(
+        filter=api_pb2.ContainerFilter(pod_sandbox_id=pod_id[:12])
+    )).containers
+    assert [c.id for c in listed] == [ctr_id]
+    running = cri.runtime.ListContainers(api_pb2.ListContainersRequest(
+        filter=api_pb2.ContainerFilter(
+            state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING)
+        )
+    )).containers
+    assert running == []
+    pods = cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(
+        filter=api_pb2.PodSandboxFilter(label_selector={"app": "lifecycle"})
+    )).items
+    assert [p.id for p in pods] == [pod_id]
+    assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(
+        filter=api_pb2.PodSandboxFilter(label_selector={"app": "other"})
+    )).items == []
+
+    cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=ctr_id[:16]))
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert cri.pod_status(pod_id).status.state == api_pb2.SANDBOX_NOTREADY
+    # Stop and remove are idempotent, also for ids that never existed.
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id="ab" * 32))
+    with pytest.raises(grpc.RpcError) as info:
+        cri.pod_status(pod_id)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_exec_sync_and_stop(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("execs")
+    pod_id = cri.run_pod(pod_config)
+    # A shell that ignores SIGTERM, so StopContainer has to escalate to SIGKILL.
+    ctr_id = cri.create(pod_id, busybox("sleeper", "trap '' TERM; while true; do sleep 1; done"),
+                        pod_config)
+    cri.start(ctr_id)
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_RUNNING
+
+    reply = cri.exec_sync(ctr_id, ["/bin/sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (reply.stdout, reply.stderr, reply.exit_code) == (b"out\n", b"err\n", 7)
+    assert cri.exec_sync(ctr_id, ["cat", "/etc/hostname"]).stdout == b"execs\n"
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        cri.exec_sync(ctr_id, ["sleep", "30"], timeout=1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+
+    # Output is capped at 16 MiB per stream.
+    big = cri.exec_sync(ctr_id, ["/bin/sh", "-c", "head -c 20000000 /dev/zero"])
+    assert big.exit_code == 0 and len(big.stdout) == 16 * 1024 * 1024
+
+    started = time.monotonic()
+    cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=ctr_id, timeout=2))
+    elapsed = time.monotonic() - started
+    status = cri.status(ctr_id).status
+    assert status.state == api_pb2.CONTAINER_EXITED
+    assert status.exit_code == 137  # SIGKILL after the 2 s grace period
+    assert 1.5 < elapsed < 15
+
+
+def test_oom_killed(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("oom")
+    pod_id = cri.run_pod(pod_config)
+    config = busybox("hog", "head -c 200000000 /dev/zero | tail > /dev/null")
+    config.linux.resources.memory_limit_in_bytes = 32 * 1024 * 1024
+    ctr_id = cri.create(pod_id, config, pod_config)
+    cri.start(ctr_id)
+    status = cri.wait_exited(ctr_id)
+    assert status.reason == "OOMKilled", status
+    assert status.exit_code == 137
+
+
+def test_completed_and_verbose_status(crivm_daemon: CrivmDaemon,
+                                      busybox_image: PushedImage) -> None:
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("done")
+    pod_id = cri.run_pod(pod_config)
+    ctr_id = cri.create(pod_id, busybox("ok", "id -u"), pod_config)
+    cri.start(ctr_id)
+    status = cri.wait_exited(ctr_id)
+    assert (status.exit_code, status.reason) == (0, "Completed")
+    info = json.loads(cri.status(ctr_id, verbose=True).info["info"])
+    assert info["sandboxID"] == pod_id
+    assert read_log(pod_config, "ok") == [("stdout", "0")]
