@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.registries_conf",
     "tests.fixtures.netns",
+    "tests.fixtures.daemon",
     "tests.fixtures.agent",
 ]
