@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from crivm import __version__
 from crivm.agent.containers import Containers
@@ -25,13 +26,26 @@ log = logging.getLogger("crivm.agent")
 _LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 
 
+def transport_from_environment(env: Mapping[str, str]) -> str:
+    """The transport the guest's /init announces (see guest-image/README.md), else serial."""
+    kind = env.get("CRIVM_AGENT_TRANSPORT", "")
+    if kind == "virtio-serial":
+        device = env.get("CRIVM_AGENT_DEVICE", "")
+        return f"serial:{device}" if device else "serial"
+    if kind == "vsock":
+        port = env.get("CRIVM_AGENT_VSOCK_PORT", "")
+        return f"vsock:{port}" if port else "vsock"
+    return "serial"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="crivm-agent", description=__doc__)
     parser.add_argument(
         "--transport",
-        default="serial",
+        default=transport_from_environment(os.environ),
         help="serial[:PATH] (default /dev/virtio-ports/agent.0), vsock[:PORT] (default 1024) "
-        "or unix:PATH",
+        "or unix:PATH. Without it: CRIVM_AGENT_TRANSPORT and CRIVM_AGENT_DEVICE or "
+        "CRIVM_AGENT_VSOCK_PORT from the guest's init.",
     )
     parser.add_argument("--state-dir", default="/run/crivm-agent")
     parser.add_argument("--runc", default="runc", help="the runc binary")

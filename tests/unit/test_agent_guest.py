@@ -13,7 +13,9 @@ import pytest
 
 from crivm.agent import netlink, oci_spec, stats, stdio
 from crivm.agent.errors import InvalidArgument, NotFound
+from crivm.agent.main import transport_from_environment
 from crivm.agent.reaper import exit_code_of
+from crivm.agent.transport import parse_endpoint
 from crivm.proto import agent_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
@@ -205,3 +207,28 @@ async def test_output_buffer_stops_reading_when_full() -> None:
         received += len(chunk)
     assert received == written
     buffer.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "transport"),
+    [
+        ({}, "serial"),
+        (
+            {"CRIVM_AGENT_TRANSPORT": "virtio-serial", "CRIVM_AGENT_DEVICE": "/dev/virtio-ports/a"},
+            "serial:/dev/virtio-ports/a",
+        ),
+        ({"CRIVM_AGENT_TRANSPORT": "vsock", "CRIVM_AGENT_VSOCK_PORT": "2048"}, "vsock:2048"),
+        ({"CRIVM_AGENT_TRANSPORT": "vsock"}, "vsock"),
+    ],
+)
+def test_transport_comes_from_the_guest_init(env: dict[str, str], transport: str) -> None:
+    assert transport_from_environment(env) == transport
+    endpoint = parse_endpoint(transport)
+    assert endpoint.kind in ("serial", "vsock")
+    assert endpoint.address
+
+
+def test_bad_transports_are_refused() -> None:
+    for text in ("tcp:1", "unix:", "vsock:abc"):
+        with pytest.raises(ValueError):
+            parse_endpoint(text)
