@@ -19,11 +19,12 @@ from crivm.runtime.backend import (
     SandboxRequest,
 )
 from crivm.runtime.config import Config, RuntimeHandler
-from crivm.runtime.runc_backend import container, exec_sync, sandbox
+from crivm.runtime.runc_backend import container, exec_sync, sandbox, stream_io
 from crivm.runtime.runc_backend.environment import RuncEnvironment
 from crivm.runtime.runc_backend.host import probe_host
 from crivm.runtime.runc_backend.oci import OciRuntime
 from crivm.runtime.store import ContainerRecord, PodRecord
+from crivm.runtime.streaming.backend import Stdio
 
 if TYPE_CHECKING:
     from crivm.storage.service import ImageService
@@ -145,6 +146,19 @@ class RuncBackend:
     ) -> ExecResult:
         layout = container.layout_of(self.env, ctr)
         return await exec_sync.exec_sync(self.env, layout, cmd, timeout_s, max_output)
+
+    async def exec_stream(
+        self, pod: PodRecord, ctr: ContainerRecord, cmd: list[str], stdio: Stdio
+    ) -> int:
+        """Streaming exec (kubectl exec); see ``stream_io``."""
+        layout = container.layout_of(self.env, ctr)
+        return await stream_io.exec_stream(self.env, layout, cmd, stdio)
+
+    async def attach_stream(self, pod: PodRecord, ctr: ContainerRecord, stdio: Stdio) -> None:
+        """Attach to the container's stdio through conmon; see ``stream_io``."""
+        config = api_pb2.ContainerConfig.FromString(ctr.config)
+        layout = container.layout_of(self.env, ctr)
+        await stream_io.attach_stream(layout, stdio, config.tty, config.stdin)
 
     async def update_resources(
         self,
