@@ -19,6 +19,7 @@ from crivm.errors import InvalidArgument, Unavailable
 if TYPE_CHECKING:
     from crivm.proto import api_pb2
     from crivm.runtime.config import Config, RuntimeHandler
+    from crivm.runtime.stats.sample import ResourceSample
     from crivm.runtime.store import ContainerRecord, PodRecord, Store
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,18 @@ class RuntimeBackend(Protocol):
     async def reopen_log(self, pod: PodRecord, container: ContainerRecord) -> None:
         ...
 
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> ResourceSample | None:
+        """The container's counters now (cgroup for runc; the agent's StatsContainer for a
+        VM pod, i.e. the guest's figures). None when nothing can be measured (no cgroup)."""
+        ...
+
+    async def sandbox_stats(self, pod: PodRecord) -> ResourceSample | None:
+        """The whole pod as the host sees it: the pod cgroup for runc; for a VM pod the VMM's
+        own host usage (QEMU, virtiofsd, shims). The CRI layer adds the network counters."""
+        ...
+
 
 # runtime_type -> "module:factory"; a factory takes (handler name, handler config, Config).
 BACKEND_FACTORIES: dict[str, str] = {
@@ -343,6 +356,14 @@ class _Missing:
 
     async def reopen_log(self, pod: PodRecord, container: ContainerRecord) -> None:
         self._refuse()
+
+    async def container_stats(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> ResourceSample | None:
+        return None
+
+    async def sandbox_stats(self, pod: PodRecord) -> ResourceSample | None:
+        return None
 
 
 def _load_factory(runtime_type: str) -> Factory | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ from crivm.runtime.runc_backend import container, exec_sync, sandbox, stream_io
 from crivm.runtime.runc_backend.environment import RuncEnvironment
 from crivm.runtime.runc_backend.host import probe_host
 from crivm.runtime.runc_backend.oci import OciRuntime
+from crivm.runtime.runc_backend.spec import cgroups_path
+from crivm.runtime.stats.cgroups import read_cgroup
+from crivm.runtime.stats.sample import ResourceSample
 from crivm.runtime.store import ContainerRecord, PodRecord
 from crivm.runtime.streaming.backend import Stdio
 
@@ -171,3 +175,16 @@ class RuncBackend:
     async def reopen_log(self, pod: PodRecord, ctr: ContainerRecord) -> None:
         await container.reopen_log(self.env, ctr)
 
+    # -- stats ----------------------------------------------------------------------------
+
+    async def container_stats(self, pod: PodRecord, ctr: ContainerRecord) -> ResourceSample | None:
+        parent = pod.extra.get("cgroup_parent")
+        if not parent:
+            return None
+        return await asyncio.to_thread(read_cgroup, cgroups_path(str(parent), ctr.id))
+
+    async def sandbox_stats(self, pod: PodRecord) -> ResourceSample | None:
+        parent = pod.extra.get("cgroup_parent")
+        if not parent:
+            return None
+        return await asyncio.to_thread(read_cgroup, str(parent))
