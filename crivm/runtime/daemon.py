@@ -91,4 +91,7 @@ COMPONENT_OPENERS: list[tuple[str, str]] = [
     ("images", "crivm.storage.service:open_component"),
     ("network", "crivm.netbridge.component:open_component"),
     ("streaming", "crivm.runtime.streaming.server:open_component"),
+    ("stats", "crivm.runtime.stats.collector:open_component"),
+    ("events", "crivm.runtime.events:open_component"),
+    ("metrics", "crivm.runtime.metrics.endpoint:open_component"),
 ]
