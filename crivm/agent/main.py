@@ -17,7 +17,7 @@ from crivm.agent.containers import Containers
 from crivm.agent.network import RESOLV_CONF, GuestNetwork
 from crivm.agent.reaper import Reaper, become_subreaper
 from crivm.agent.rpc import RpcServer
-from crivm.agent.runc import Runc
+from crivm.agent.runc import Runc, root_is_initramfs
 from crivm.agent.server import AgentService
 from crivm.agent.transport import parse_endpoint, serve_forever
 
@@ -60,7 +60,10 @@ async def run(args: argparse.Namespace) -> None:
     state_dir = os.path.abspath(args.state_dir)
     log_dir = os.path.join(state_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    runc = Runc(args.runc, os.path.join(state_dir, "runc"), log_dir)
+    no_pivot = root_is_initramfs()
+    if no_pivot:
+        log.info("/ is the initramfs: containers are jailed with runc --no-pivot")
+    runc = Runc(args.runc, os.path.join(state_dir, "runc"), log_dir, no_pivot=no_pivot)
     reaper = Reaper()
     reaper.start()
     containers = Containers(runc, reaper, state_dir)

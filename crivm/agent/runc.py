@@ -30,10 +30,11 @@ class Stdio:
 
 
 class Runc:
-    def __init__(self, binary: str, root: str, log_dir: str) -> None:
+    def __init__(self, binary: str, root: str, log_dir: str, *, no_pivot: bool = False) -> None:
         self.binary = binary
         self.root = root
         self.log_dir = log_dir
+        self.no_pivot = no_pivot
 
     async def version(self) -> str:
         out = await self._run("version", argv=["--version"], container_id="")
@@ -48,6 +49,8 @@ class Runc:
         console_socket: str | None,
     ) -> None:
         argv = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if self.no_pivot:
+            argv.append("--no-pivot")
         if console_socket is not None:
             argv += ["--console-socket", console_socket]
         await self._run(
@@ -115,6 +118,21 @@ class Runc:
             message = _last_error(log_file) or (err or b"").decode(errors="replace").strip()
             raise GuestError(f"runc {verb} {container_id} failed ({proc.returncode}): {message}")
         return (out or b"").decode(errors="replace")
+
+
+def root_is_initramfs(mounts: str = "/proc/self/mounts") -> bool:
+    """Whether / is still the kernel's initial rootfs, which pivot_root(2) cannot move away.
+
+    runc then has to jail containers with MS_MOVE and chroot (--no-pivot), as Kata's agent does
+    in an initramfs guest.
+    """
+    fstype = ""
+    with open(mounts) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[1] == "/":
+                fstype = fields[2]  # the last entry for / is the one on top
+    return fstype == "rootfs"
 
 
 def _truncate(path: str) -> None:

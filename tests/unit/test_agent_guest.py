@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from crivm.agent import netlink, oci_spec, stats, stdio
+from crivm.agent import netlink, oci_spec, runc, stats, stdio
 from crivm.agent.errors import InvalidArgument, NotFound
 from crivm.agent.main import transport_from_environment
 from crivm.agent.reaper import exit_code_of
@@ -232,3 +232,11 @@ def test_bad_transports_are_refused() -> None:
     for text in ("tcp:1", "unix:", "vsock:abc"):
         with pytest.raises(ValueError):
             parse_endpoint(text)
+
+
+def test_initramfs_root_is_detected(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("rootfs / rootfs rw 0 0\nproc /proc proc rw 0 0\n")
+    assert runc.root_is_initramfs(str(mounts))
+    mounts.write_text("rootfs / rootfs rw 0 0\n/dev/vda / ext4 rw 0 0\n")
+    assert not runc.root_is_initramfs(str(mounts))
