@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.fixtures.agent import (
     busybox_rootfs,
     container_processes,
     default_spec,
+    processes_mentioning,
     start_agent,
     stop_agent,
 )
@@ -152,3 +154,42 @@ async def test_call_deadline(client: AgentClient, short_tmp: Path) -> None:
     # The connection is still good after a call was abandoned.
     assert (await client.check()).status == pb.CheckResponse.SERVING
     await client.remove_container("slow")
+
+
+def namespace_pid(pid: int) -> int:
+    """The pid as the process's own, innermost pid namespace numbers it."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise AssertionError(f"no NSpid for {pid}")
+
+
+async def test_as_pid_1_the_agent_runs_in_a_child_and_powers_off_when_it_dies(
+    short_tmp: Path,
+) -> None:
+    # In a new pid namespace the agent starts as PID 1: it must fork, run the agent in the child,
+    # and "power off" (end the namespace) once that child is gone.
+    sock = str(short_tmp / "agent.sock")
+    unshare = ("unshare", "--pid", "--fork", "--mount-proc")
+    agent = await start_agent(short_tmp / "state", sock, wrapper=unshare)
+    try:
+        async with AgentClient(sock, call_timeout=20) as client:
+            await client.wait_ready(15)
+            rootfs = busybox_rootfs(short_tmp / "p1")
+            spec = await default_spec(short_tmp / "p1-spec", ["echo", "inside"])
+            await client.create_container("p1", spec, str(rootfs))
+            out = asyncio.create_task(collect(client.read_stdout("p1")))
+            await client.start_container("p1")
+            assert await client.wait_process("p1", time_limit=30) == (0, 0)
+            assert await asyncio.wait_for(out, 10) == b"inside\n"
+            await client.remove_container("p1")
+        inside = [pid for pid in processes_mentioning(sock) if pid != agent.process.pid]
+        by_ns_pid = {namespace_pid(pid): pid for pid in inside}
+        assert sorted(by_ns_pid) == [1, 2], by_ns_pid
+        os.kill(by_ns_pid[2], signal.SIGTERM)
+        await asyncio.wait_for(agent.process.wait(), 15)
+        assert "powering off" in agent.log_text()
+        assert processes_mentioning(sock) == []
+    finally:
+        await stop_agent(agent)
