@@ -107,7 +107,10 @@ async def test_remove_kills_a_running_container(client: AgentClient, short_tmp: 
     assert container_processes("busy") == []
 
 
-async def test_guest_details_and_dns(client: AgentClient, agent: RunningAgent) -> None:
+async def test_guest_details_dns_and_mounts(
+    client: AgentClient, agent: RunningAgent, short_tmp: Path
+) -> None:
+    assert os.readlink(f"/proc/{agent.process.pid}/exe").startswith("/usr/bin/python3")
     details = await client.guest_details()
     assert details.kernel_release
     assert details.mem_total_bytes > 0
@@ -117,6 +120,19 @@ async def test_guest_details_and_dns(client: AgentClient, agent: RunningAgent) -
     assert (agent.state_dir / "resolv.conf").read_text() == (
         "nameserver 10.96.0.10\nsearch svc.cluster.local\noptions ndots:5\n"
     )
+
+    # virtio-fs needs a guest; tmpfs takes the same mount(2) path.
+    target = short_tmp / "mnt" / "shared"
+    await client.mount("crivmtest", str(target), "tmpfs", ["size=1m"])
+    try:
+        assert f"crivmtest {target} tmpfs" in Path("/proc/self/mounts").read_text()
+        await client.mount("crivmtest", str(target), "tmpfs")  # a retry succeeds
+        with pytest.raises(errors.AlreadyExists):
+            await client.mount("other", str(target), "tmpfs")
+    finally:
+        await client.unmount(str(target))
+    assert str(target) not in Path("/proc/self/mounts").read_text()
+    await client.unmount(str(target))  # unmounting twice succeeds
 
 
 async def test_client_reconnects_after_the_agent_restarts(short_tmp: Path) -> None:
