@@ -118,9 +118,11 @@ def test_exec_sync_and_stop(crivm_daemon: CrivmDaemon, busybox_image: PushedImag
 
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        cri.exec_sync(ctr_id, ["sleep", "30"], timeout=1)
+        cri.exec_sync(ctr_id, ["tail", "-f", "/dev/null"], timeout=1)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 10
+    # The timed-out process is gone, not even a zombie.
+    assert b"tail" not in cri.exec_sync(ctr_id, ["ps", "-o", "args"]).stdout
 
     # Output is capped at 16 MiB per stream.
     big = cri.exec_sync(ctr_id, ["/bin/sh", "-c", "head -c 20000000 /dev/zero"])

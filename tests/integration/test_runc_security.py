@@ -134,6 +134,7 @@ def test_resources_update_and_log_reopen(crivm_daemon: CrivmDaemon,
     log_path = status.log_path
     os.rename(log_path, log_path + ".1")
     cri.runtime.ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=ctr_id))
+    assert os.path.exists(log_path)  # kubelet relies on this when the call returns
     deadline = time.monotonic() + 10
     while not (os.path.exists(log_path) and os.path.getsize(log_path) > 0):
         assert time.monotonic() < deadline, "conmon did not reopen the log"

@@ -92,8 +92,11 @@ def test_user_request_prefers_run_as_user() -> None:
     assert spec.user_request(config, image) == ("www-data:web", None, ())
     config.linux.security_context.run_as_username = "root"
     assert spec.user_request(config, image)[0] == "root"
-    config.linux.security_context.run_as_user.value = 1000
     config.linux.security_context.run_as_group.value = 2000
+    config.linux.security_context.run_as_username = ""
+    with pytest.raises(InvalidArgument):  # a group without a user is an error in the CRI
+        spec.user_request(config, image)
+    config.linux.security_context.run_as_user.value = 1000
     config.linux.security_context.supplemental_groups.append(3000)
     assert spec.user_request(config, image) == ("1000", 2000, (3000,))
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 KILL_WAIT_S = 10.0
 # A container whose process is gone gets this long for conmon to write its exit file.
 EXIT_FILE_GRACE_S = 2.0
+REOPEN_WAIT_S = 5.0
 
 
 def container_log_path(pod_config: api_pb2.PodSandboxConfig, log_path: str) -> str:
@@ -268,3 +269,11 @@ async def reopen_log(env: RuncEnvironment, container: ContainerRecord) -> None:
     if conmon.read_exit(layout) is not None:
         raise FailedPrecondition(f"container {container.id} is not running")
     await asyncio.to_thread(conmon.reopen_log, layout)
+    # conmon handles the fifo on its own loop; kubelet expects the new file to exist when
+    # the call returns.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REOPEN_WAIT_S
+    while not os.path.exists(layout.log_path):
+        if loop.time() > deadline:
+            raise FailedPrecondition(f"conmon did not reopen {layout.log_path}")
+        await asyncio.sleep(0.02)

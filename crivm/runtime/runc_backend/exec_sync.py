@@ -23,6 +23,7 @@ from crivm.runtime.runc_backend import conmon
 from crivm.runtime.runc_backend.environment import RuncEnvironment
 
 READ_CHUNK = 64 * 1024
+REAP_TIMEOUT_S = 5.0
 
 
 def exec_process(container_process: dict[str, Any], cmd: list[str]) -> dict[str, Any]:
@@ -86,9 +87,14 @@ async def exec_sync(
             stdout, stderr, code = await asyncio.wait_for(collect, timeout_s or None)
         except TimeoutError as exc:
             _kill_from_pidfile(pidfile)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            # runc exec is the killed process's parent: let it reap the process and exit,
+            # or the zombie would be re-parented outside the pod and linger.
+            try:
+                await asyncio.wait_for(proc.wait(), REAP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
             raise DeadlineExceeded(
                 f"command {cmd[0]!r} in container {layout.container_id} timed out after "
                 f"{timeout_s}s"

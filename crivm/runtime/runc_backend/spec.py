@@ -238,6 +238,11 @@ def user_request(
     else:
         user = image.user
     group = security.run_as_group.value if security.HasField("run_as_group") else None
+    if group is not None and not (
+        security.HasField("run_as_user") or security.run_as_username
+    ):
+        # The CRI says so: a group alone would silently run as the image's user.
+        raise InvalidArgument("run_as_group needs run_as_user or run_as_username")
     if group is not None and ":" in user:
         user = user.partition(":")[0]
     return user, group, tuple(security.supplemental_groups)
