@@ -27,7 +27,7 @@ import enum
 import logging
 import random
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,7 +57,7 @@ _CREDIT = struct.Struct(">I")
 M = TypeVar("M", bound=Message)
 
 UnaryHandler = Callable[[Any], Awaitable[Message]]
-StreamHandler = Callable[[Any], AsyncIterator[Message]]
+StreamHandler = Callable[[Any], AsyncGenerator[Message, None]]
 
 
 class Code(enum.IntEnum):
@@ -275,9 +275,9 @@ class _ServerSession:
         else:
             await self._send_status(stream_id, end, Code.OK, "", reply)
 
-    async def _stream_reply(self, stream_id: int, messages: AsyncIterator[Message]) -> None:
+    async def _stream_reply(self, stream_id: int, messages: AsyncGenerator[Message, None]) -> None:
         window = self._windows[stream_id] = _Window(INITIAL_WINDOW)
-        async with contextlib.aclosing(messages):  # type: ignore[type-var]
+        async with contextlib.aclosing(messages):
             async for message in messages:
                 await window.take()
                 await self._write(Frame(stream_id, FrameType.DATA, message.SerializeToString()))
@@ -353,7 +353,9 @@ class RpcClient:
         finally:
             self._calls.pop(stream_id, None)
 
-    async def stream(self, method: str, request: Message, reply_type: type[M]) -> AsyncIterator[M]:
+    async def stream(
+        self, method: str, request: Message, reply_type: type[M]
+    ) -> AsyncGenerator[M, None]:
         """The messages of a streamed reply. Leaving the loop early cancels the call."""
         stream_id, incoming = self._open()
         finished = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Literal
 
 from crivm import __version__
@@ -129,19 +129,19 @@ class AgentService:
 
     async def ReadStdout(
         self, request: pb.ReadStreamRequest
-    ) -> AsyncIterator[pb.ReadStreamResponse]:
+    ) -> AsyncGenerator[pb.ReadStreamResponse, None]:
         async for chunk in self._read(request, "stdout"):
             yield chunk
 
     async def ReadStderr(
         self, request: pb.ReadStreamRequest
-    ) -> AsyncIterator[pb.ReadStreamResponse]:
+    ) -> AsyncGenerator[pb.ReadStreamResponse, None]:
         async for chunk in self._read(request, "stderr"):
             yield chunk
 
     async def _read(
         self, request: pb.ReadStreamRequest, which: Literal["stdout", "stderr"]
-    ) -> AsyncIterator[pb.ReadStreamResponse]:
+    ) -> AsyncGenerator[pb.ReadStreamResponse, None]:
         io = self._containers.process(request.container_id, request.exec_id).io
         buffer: OutputBuffer = io.stdout if which == "stdout" else io.stderr
         while data := await buffer.read():

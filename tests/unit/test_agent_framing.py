@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue, UInt32Value
@@ -137,7 +137,7 @@ class EchoService:
             self.cancelled.set()
         raise AssertionError("unreachable")
 
-    async def count(self, request: UInt32Value) -> AsyncIterator[UInt32Value]:
+    async def count(self, request: UInt32Value) -> AsyncGenerator[UInt32Value, None]:
         for i in range(request.value):
             self.produced += 1
             yield UInt32Value(value=i)

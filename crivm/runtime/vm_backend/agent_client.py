@@ -15,6 +15,7 @@ the host cannot know whether the agent acted on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -262,8 +263,13 @@ class AgentClient:
         request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id)
         try:
             rpc = await self._connection(asyncio.get_running_loop().time() + self.call_timeout)
-            async for message in rpc.stream(method, request, pb.ReadStreamResponse):
-                yield message.data
+            # aclosing: a consumer that stops early cancels the call in the agent at once,
+            # not whenever the generator happens to be collected.
+            async with contextlib.aclosing(
+                rpc.stream(method, request, pb.ReadStreamResponse)
+            ) as messages:
+                async for message in messages:
+                    yield message.data
         except RpcError as exc:
             raise _translate(method, exc) from exc
         except ConnectionLost as exc:
