@@ -93,5 +93,6 @@ COMPONENT_OPENERS: list[tuple[str, str]] = [
     ("streaming", "crivm.runtime.streaming.server:open_component"),
     ("stats", "crivm.runtime.stats.collector:open_component"),
     ("events", "crivm.runtime.events:open_component"),
+    ("exit_watcher", "crivm.runtime.exit_watcher:open_component"),
     ("metrics", "crivm.runtime.metrics.endpoint:open_component"),
 ]

@@ -7,6 +7,8 @@ import logging
 import secrets
 
 from crivm.errors import InvalidArgument, NotFound
+from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_EXITED, RuntimeBackend
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.store import ContainerRecord, PodRecord
@@ -86,6 +88,8 @@ async def refresh_container(
         "message": status.message,
     }
     daemon.store.update_container(ctr.id, **fields)
+    if status.state == CONTAINER_EXITED:
+        events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_STOPPED_EVENT)
     log.info("container %s is now %s", ctr.id, status.state,
              extra={"container_id": ctr.id, "pod_id": pod.id})
     updated = daemon.store.get_container(ctr.id)

@@ -6,6 +6,7 @@ import logging
 
 from crivm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_CREATED, POD_READY, ContainerRequest, ImageSettings
 from crivm.runtime.cri_messages import pod_config
 from crivm.runtime.daemon import Daemon
@@ -66,6 +67,7 @@ async def _create(daemon: Daemon, pod: PodRecord, config: api_pb2.ContainerConfi
         extra["image_digest_ref"] = digests[0] if digests else image.id
         daemon.store.update_container(ctr.id, extra=extra)
         undo.commit()
+    events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_CREATED_EVENT)
     log.info("created container %s (%s) from %s", ctr.id, ctr.name, config.image.image,
              extra=log_extra)
     return ctr.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.records import backend_of, find_pod
 from crivm.runtime.rpc.remove_container import remove_container
@@ -32,5 +33,6 @@ async def _remove(daemon: Daemon, pod: PodRecord) -> None:
     for ctr in daemon.store.list_containers(pod.id):
         await remove_container(daemon, pod, ctr)
     await backend_of(daemon, pod).remove_sandbox(pod)
+    events.emit_sandbox(daemon, pod.id, api_pb2.CONTAINER_DELETED_EVENT)
     daemon.store.delete_pod(pod.id)
     log.info("removed pod %s", pod.id, extra={"pod_id": pod.id})

@@ -7,6 +7,7 @@ import logging
 
 from crivm.errors import AlreadyExists, InvalidArgument
 from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.backend import POD_NOTREADY, POD_READY, SandboxRequest
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.records import new_id
@@ -66,6 +67,8 @@ async def _run(daemon: Daemon, config: api_pb2.PodSandboxConfig, runtime_handler
                  dataclasses.replace(pod, extra=extra))
         daemon.store.update_pod(pod.id, state=POD_READY, extra=extra)
         undo.commit()
+    for event_type in (api_pb2.CONTAINER_CREATED_EVENT, api_pb2.CONTAINER_STARTED_EVENT):
+        events.emit_sandbox(daemon, pod.id, event_type)
     log.info("pod %s is ready with IPs %s", pod.id, ", ".join(ips) or "(host network)",
              extra=log_extra)
     return pod.id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_RUNNING
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.records import backend_of, pod_of, require_container
@@ -20,5 +21,6 @@ async def handle(
     pod = pod_of(daemon, ctr)
     await backend_of(daemon, pod).start_container(pod, ctr)
     daemon.store.update_container(ctr.id, state=CONTAINER_RUNNING, started_at=now_ns())
+    events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_STARTED_EVENT)
     log.info("started container %s", ctr.id, extra={"container_id": ctr.id, "pod_id": pod.id})
     return api_pb2.StartContainerResponse()

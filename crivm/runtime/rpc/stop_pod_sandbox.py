@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from crivm.proto import api_pb2
+from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_EXITED, POD_NOTREADY
 from crivm.runtime.cri_messages import pod_config
 from crivm.runtime.daemon import Daemon
@@ -43,4 +44,5 @@ async def stop_pod(daemon: Daemon, pod: PodRecord) -> None:
         await daemon.component("network").detach(pod.id, config)
     if pod.state != POD_NOTREADY:
         daemon.store.update_pod(pod.id, state=POD_NOTREADY)
+        events.emit_sandbox(daemon, pod.id, api_pb2.CONTAINER_STOPPED_EVENT)
     log.info("stopped pod %s", pod.id, extra={"pod_id": pod.id})
