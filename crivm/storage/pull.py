@@ -97,6 +97,8 @@ class Puller:
         # Chain ids a pull in progress has unpacked but not yet recorded under an image;
         # garbage collection must not take them.
         self.chains_in_use: dict[str, int] = {}
+        # Told (bytes received, seconds, succeeded) after every pull; the metrics hook in.
+        self.observers: list[Callable[[int, float, bool], None]] = []
 
     async def close(self) -> None:
         tasks = list(self._pulls.values())
@@ -125,6 +127,7 @@ class Puller:
         timeout = self._settings.progress_timeout
         started = time.monotonic()
         work = asyncio.create_task(self._from_sources(ref, credentials, progress))
+        succeeded = False
         try:
             while True:
                 remaining = progress.last + timeout - time.monotonic()
@@ -138,11 +141,14 @@ class Puller:
                     )
             image = work.result()
             await on_done(image)
+            succeeded = True
         finally:
             if not work.done():
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
             self._release(progress.chains)
+            for observer in self.observers:
+                observer(progress.received, time.monotonic() - started, succeeded)
         log.info("pulled %s as %s: %d bytes in %.2fs", ref, image.id, progress.received,
                  time.monotonic() - started)
         return image

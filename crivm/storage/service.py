@@ -21,6 +21,7 @@ import contextlib
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,10 @@ class ImageService:
 
     async def close(self) -> None:
         await self._puller.close()
+
+    def observe_pulls(self, observer: Callable[[int, float, bool], None]) -> None:
+        """Call ``observer(bytes received, seconds, succeeded)`` after every pull."""
+        self._puller.observers.append(observer)
 
     # -- images ---------------------------------------------------------------------------
 
