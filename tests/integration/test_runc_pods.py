@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 
 import grpc
@@ -164,3 +165,27 @@ def test_completed_and_verbose_status(crivm_daemon: CrivmDaemon,
     info = json.loads(cri.status(ctr_id, verbose=True).info["info"])
     assert info["sandboxID"] == pod_id
     assert read_log(pod_config, "ok") == [("stdout", "0")]
+
+
+def test_stop_after_infra_died(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:
+    """The pause process dies on its own: the pod turns NOTREADY, and StopPodSandbox still
+    takes the network down (the fixture's leak check then finds no netns or veth)."""
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("orphan")
+    pod_id = cri.run_pod(pod_config)
+    info = json.loads(cri.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)
+    ).info["info"])
+    netns_path = info["netns_path"]
+    assert os.path.exists(netns_path)
+    os.kill(int(info["infra_pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cri.pod_status(pod_id).status.state != api_pb2.SANDBOX_NOTREADY:
+        assert time.monotonic() < deadline, "pod still READY after its infra died"
+        time.sleep(0.1)
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert not os.path.exists(netns_path)
+    with pytest.raises(grpc.RpcError) as failure:
+        cri.create(pod_id, busybox("late", "true"), pod_config)
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
