@@ -97,8 +97,10 @@ class Puller:
         # Chain ids a pull in progress has unpacked but not yet recorded under an image;
         # garbage collection must not take them.
         self.chains_in_use: dict[str, int] = {}
-        # Told (bytes received, seconds, succeeded) after every pull; the metrics hook in.
-        self.observers: list[Callable[[int, float, bool], None]] = []
+        # Told (seconds, succeeded) after every pull; the metrics hook in. Blob bytes
+        # fetched from registries, all pulls together (``received`` counts unpacking too).
+        self.observers: list[Callable[[float, bool], None]] = []
+        self.bytes_downloaded = 0
 
     async def close(self) -> None:
         tasks = list(self._pulls.values())
@@ -148,7 +150,7 @@ class Puller:
                 await asyncio.gather(work, return_exceptions=True)
             self._release(progress.chains)
             for observer in self.observers:
-                observer(progress.received, time.monotonic() - started, succeeded)
+                observer(time.monotonic() - started, succeeded)
         log.info("pulled %s as %s: %d bytes in %.2fs", ref, image.id, progress.received,
                  time.monotonic() - started)
         return image
@@ -241,8 +243,13 @@ class Puller:
         if self._blobs.has(descriptor.digest):
             return self._blobs.path(descriptor.digest)
         writer = self._blobs.writer(descriptor.digest)
+
+        def fetched(count: int) -> None:
+            self.bytes_downloaded += count
+            progress(count)
+
         try:
-            await client.fetch_blob(descriptor.digest, descriptor.size, writer, progress)
+            await client.fetch_blob(descriptor.digest, descriptor.size, writer, fetched)
             return writer.commit(client.host)
         except BaseException:
             writer.discard()

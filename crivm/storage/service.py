@@ -80,9 +80,14 @@ class ImageService:
     async def close(self) -> None:
         await self._puller.close()
 
-    def observe_pulls(self, observer: Callable[[int, float, bool], None]) -> None:
-        """Call ``observer(bytes received, seconds, succeeded)`` after every pull."""
+    def observe_pulls(self, observer: Callable[[float, bool], None]) -> None:
+        """Call ``observer(seconds, succeeded)`` after every pull."""
         self._puller.observers.append(observer)
+
+    @property
+    def bytes_downloaded(self) -> int:
+        """Blob bytes fetched from registries since the daemon started."""
+        return self._puller.bytes_downloaded
 
     # -- images ---------------------------------------------------------------------------
 
