@@ -33,6 +33,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     daemon = await Daemon.open(config)
     interceptor = ErrorInterceptor()
     daemon.components["interceptor"] = interceptor
+    metrics = daemon.components.get("metrics")
+    if metrics is not None:
+        interceptor.observers.append(metrics.observe_call)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
