@@ -11,11 +11,14 @@ keeps using the upstream names, which its image specs compare RepoTags against.
 
 What each image must contain is listed in /opt/src/critest-images.txt; the digest-pinned
 test-image-digest cannot be rebuilt (its manifest digest is upstream's), so it is not pushed.
+The busybox-based images need Debian's `busybox` package: it is fetched with apt (the Debian
+mirror is the one network source this needs) into --cache-dir, once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,13 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fixtures import image_recipes  # noqa: E402 - needs the repo root on sys.path
+from crivm.guestimage import debian  # noqa: E402 - needs the repo root on sys.path
+from crivm.guestimage.errors import GuestImageError  # noqa: E402
+from tests.fixtures import image_recipes  # noqa: E402
 from tests.fixtures.oci_builder import Image  # noqa: E402
 from tests.fixtures.registries_conf import rewrite_conf  # noqa: E402
 from tests.fixtures.registry_client import RegistryClient, RegistryHTTPError  # noqa: E402
 
 # Every registry critest (and `critest -benchmark`) names; all are relocated to the local one.
 UPSTREAM_REGISTRIES = ("registry.k8s.io", "k8s.gcr.io", "gcr.io", "docker.io", "public.ecr.aws")
+# Downloaded .debs are kept (and re-checked against apt's SHA256) here between runs.
+DEFAULT_CACHE_DIR = Path("/var/cache/crivm/critest-images")
 
 Tools = dict[str, Path]
 
@@ -113,10 +120,20 @@ def _check_identities(built: dict[str, Image]) -> None:
         raise SystemExit("the cri-tools test images must differ from the default busybox image")
 
 
-def build_and_push(registry: str, work_dir: Path) -> dict[str, Image]:
+async def debian_busybox(cache_dir: Path, work_dir: Path) -> Path:
+    """/bin/busybox of Debian's dynamically linked busybox package, fetched through apt."""
+    [package] = await debian.resolve([image_recipes.USERLAND_BUSYBOX_PACKAGE])
+    deb = await debian.fetch(package, cache_dir)
+    tree = work_dir / "busybox-deb"
+    await debian.extract(deb, tree)
+    return tree / "bin" / "busybox"
+
+
+def build_and_push(registry: str, work_dir: Path, cache_dir: Path) -> dict[str, Image]:
     work_dir.mkdir(parents=True, exist_ok=True)
     tools = image_recipes.compile_userland_tools(work_dir)
     tools["pause"] = image_recipes.compile_pause(work_dir)
+    tools["busybox"] = asyncio.run(debian_busybox(cache_dir, work_dir))
     client = RegistryClient(registry)
     built: dict[str, Image] = {}
     for spec in CRITEST_IMAGES:
@@ -128,17 +145,36 @@ def build_and_push(registry: str, work_dir: Path) -> dict[str, Image]:
     return built
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--registry", required=True, help="HOST:PORT of a plain-http registry")
-    parser.add_argument("--registries-conf", required=True, type=Path,
-                        help="where to write the registries.conf v2 that points at it")
-    parser.add_argument("--work-dir", type=Path, help="where to compile the static tools")
-    args = parser.parse_args(argv)
+def fetch_only(cache_dir: Path) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="critest-images-") as scratch:
-            built = build_and_push(args.registry, args.work_dir or Path(scratch))
-    except (image_recipes.RecipeError, RegistryHTTPError, OSError) as exc:
+            asyncio.run(debian_busybox(cache_dir, Path(scratch)))
+    except (GuestImageError, OSError) as exc:
+        print(f"critest-images: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--registry", help="HOST:PORT of a plain-http registry")
+    parser.add_argument("--registries-conf", type=Path,
+                        help="where to write the registries.conf v2 that points at it")
+    parser.add_argument("--work-dir", type=Path, help="where to compile the static tools")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help=f"where downloaded .debs are kept (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--fetch-only", action="store_true",
+                        help="only download what the images need into --cache-dir (run this"
+                        " where the Debian mirror is reachable; building can then be offline)")
+    args = parser.parse_args(argv)
+    if args.fetch_only:
+        return fetch_only(args.cache_dir)
+    if args.registry is None or args.registries_conf is None:
+        parser.error("--registry and --registries-conf are required unless --fetch-only")
+    try:
+        with tempfile.TemporaryDirectory(prefix="critest-images-") as scratch:
+            built = build_and_push(args.registry, args.work_dir or Path(scratch), args.cache_dir)
+    except (image_recipes.RecipeError, GuestImageError, RegistryHTTPError, OSError) as exc:
         print(f"critest-images: {exc}", file=sys.stderr)
         return 1
     args.registries_conf.write_text(rewrite_conf(args.registry, UPSTREAM_REGISTRIES))

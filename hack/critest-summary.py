@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 FAILED_STATES = ("failed", "panicked", "interrupted", "aborted", "timedout")
 CAUSE_WIDTH = 200
+CAUSE_LINES = 4
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,10 @@ class SpecResult:
 
 
 def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:CAUSE_WIDTH]
-    return ""
+    """The gist of a Gomega message, which often spreads one fact over lines
+    ("Expected / <string>: 11 / to be empty")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[:CAUSE_LINES])[:CAUSE_WIDTH]
 
 
 def _is_suite_node(name: str) -> bool:
