@@ -2,8 +2,10 @@
 CPU, memory, disk and network use is known.
 
 Tolerances (this host has 2 cores and is shared with other test runs, so CPU can be stolen):
-- a one-thread busy loop measures 0.6e9..1.15e9 nano-cores over a ~2 s window, and the
-  cumulative core-nanoseconds agree with the nano-cores over the same window within 5 %;
+- a one-thread busy loop's nano-cores over a ~2 s window agree within 10 % with the CPU time
+  the kernel charges to the loop's process (/proc/<pid>/stat), lie in 0.3e9..1.15e9 (about
+  one core; less when the shared host is busy), and agree with the cumulative
+  core-nanoseconds over the same window within 5 %;
 - a shell holding a 64 MiB string has a working set and RSS of at least 60 MiB and at most
   64 MiB + 48 MiB (busybox's string handling doubles buffers while it reads);
 - a 4 MiB file written into the container shows as >= 4 MiB of writable layer;
@@ -12,7 +14,10 @@ Tolerances (this host has 2 cores and is shared with other test runs, so CPU can
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +44,14 @@ def container_stats(daemon: CrivmDaemon, ctr_id: str) -> api_pb2.ContainerStats:
     reply = daemon.cri.runtime.ContainerStats(
         api_pb2.ContainerStatsRequest(container_id=ctr_id), timeout=30
     )
-    return reply.stats
+    stats: api_pb2.ContainerStats = reply.stats
+    return stats
+
+
+def process_cpu_ns(pid: int) -> int:
+    """utime + stime of one process, from /proc (USER_HZ ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(predicate: object, timeout_s: float = 20.0) -> None:
@@ -57,17 +69,22 @@ def test_busy_loop_uses_one_core(crivm_daemon: CrivmDaemon, busybox_image: Pushe
     pod_id = cri.run_pod(pod_config)
     ctr_id = cri.create(pod_id, busybox("spin", "while :; do :; done"), pod_config)
     cri.start(ctr_id)
+    pid = int(json.loads(cri.status(ctr_id, verbose=True).info["info"])["pid"])
     time.sleep(1.0)
 
     first = container_stats(crivm_daemon, ctr_id)
+    first_truth = process_cpu_ns(pid)
     assert first.attributes.id == ctr_id
     assert first.attributes.metadata.name == "spin"
     assert first.cpu.timestamp > 0 and first.cpu.usage_core_nano_seconds.value > 0
     time.sleep(2.0)
     second = container_stats(crivm_daemon, ctr_id)
+    second_truth = process_cpu_ns(pid)
 
     nano_cores = second.cpu.usage_nano_cores.value
-    assert 0.6e9 <= nano_cores <= 1.15e9, nano_cores
+    truth = (second_truth - first_truth) * 1e9 / (second.cpu.timestamp - first.cpu.timestamp)
+    assert abs(nano_cores - truth) <= 0.1 * truth, (nano_cores, truth)
+    assert 0.3e9 <= nano_cores <= 1.15e9, nano_cores
     used = second.cpu.usage_core_nano_seconds.value - first.cpu.usage_core_nano_seconds.value
     elapsed = second.cpu.timestamp - first.cpu.timestamp
     assert abs(used * 1e9 / elapsed - nano_cores) <= 0.05 * nano_cores
