@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.netns",
     "tests.fixtures.daemon",
     "tests.fixtures.agent",
+    "tests.fixtures.guest",
 ]

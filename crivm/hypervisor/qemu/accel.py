@@ -60,3 +60,23 @@ def choose_agent_transport(requested: str, vhost_vsock: Path = VHOST_VSOCK) -> A
     if requested == "vsock":
         return "vsock"
     return "vsock" if vhost_vsock.exists() else "virtio-serial"
+
+
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
+    """The host's TSC rate in kHz, as /proc/cpuinfo reports it; 0 when unknown.
+
+    Under TCG the guest's TSC runs at the host's rate, so this is what a microvm guest, which
+    has no timer to calibrate against, should be told.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
+                return int(float(value) * 1000)
+            except ValueError:
+                return 0
+    return 0

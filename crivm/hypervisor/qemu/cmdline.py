@@ -47,6 +47,8 @@ class Machine:
     accel: AccelKind = "tcg"
     # TCG translation cache in MiB; 0 keeps QEMU's default (which is large, so pods lower it).
     tcg_tb_size_mb: int = 0
+    # Host TSC rate, given to a microvm guest (see kernel_cmdline); 0 leaves it to calibration.
+    tsc_khz: int = 0
 
     def argv(self) -> list[str]:
         if self.type == "microvm":
@@ -58,10 +60,15 @@ class Machine:
             # Devices nobody uses cost probe time under TCG.
             machine = _opts("q35", memory_backend=MEMORY_BACKEND_ID, smbus=False, sata=False,
                             vmport="off", usb=False)
+        argv = ["-machine", machine]
+        if self.type == "microvm":
+            # virtio-mmio defaults to the legacy (v1) interface, which virtiofsd's libvhost-user
+            # rejects; modern mmio works for every device here.
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
         if self.accel == "kvm":
-            return ["-machine", machine, "-accel", "kvm", "-cpu", "host"]
+            return [*argv, "-accel", "kvm", "-cpu", "host"]
         accel = _opts("tcg", tb_size=self.tcg_tb_size_mb or None)
-        return ["-machine", machine, "-accel", accel, "-cpu", "max"]
+        return [*argv, "-accel", accel, "-cpu", "max"]
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,10 @@ def kernel_cmdline(config: VmConfig) -> str:
     if config.machine.type == "microvm":
         # No PCI probing on microvm; reboot through the keyboard controller is absent too.
         args += ["pci=off", "reboot=t"]
+        if config.machine.tsc_khz:
+            # microvm has no HPET or PM timer. Under a loaded TCG host the kernel's PIT
+            # calibration of the TSC fails and boot then hangs; the known rate avoids both.
+            args.append(f"tsc_early_khz={config.machine.tsc_khz}")
     args += config.extra_kernel_args
     return " ".join(args)
 

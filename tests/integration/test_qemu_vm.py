@@ -1,0 +1,134 @@
+"""Boot the built guest image under QEMU (TCG here) and control it through QMP.
+
+Each test checks at teardown (in ``vm_factory``) that no qemu or virtiofsd it started survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from crivm.errors import FailedPrecondition
+from crivm.guestimage.build import BuildResult, build
+from crivm.guestimage.init_script import INIT_DONE_MARKER
+from crivm.hypervisor.qemu.cmdline import VirtioFs, VirtioSerialAgent
+from crivm.runtime.vm_backend.agent_client import AgentClient
+from tests.fixtures.guest import BOOT_TIMEOUT_S, GUEST_CACHE, VmFactory, processes_mentioning
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.timeout(400)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_rebuild_with_same_inputs_is_cached(guest_image: BuildResult) -> None:
+    again = await build(GUEST_CACHE / "out", GUEST_CACHE)
+    assert again.cached
+    manifest = json.loads(again.manifest.read_text())
+    names = {p["name"] for p in manifest["packages"]}
+    assert {"busybox-static", "runc", "python3.11-minimal"} <= names
+    assert any(n.startswith("linux-image-") and n.endswith("-cloud-amd64") for n in names)
+    assert "virtiofs" in manifest["kernel_modules"]
+    assert manifest["outputs"]["initrd.img"]["bytes"] == again.initrd_bytes
+
+
+@pytest.mark.parametrize("machine", ["q35", "microvm"])
+async def test_boots_with_virtiofs_and_agent_channel(
+    vm_factory: VmFactory, share_dir: Path, machine: str
+) -> None:
+    (share_dir / "hello.txt").write_text("hi from the host\n")
+    fs = await vm_factory.start_virtiofsd(share_dir, "fs0")
+    config = vm_factory.config(
+        machine,  # type: ignore[arg-type]
+        filesystems=(VirtioFs("fs0", str(fs.socket_path), "share"),),
+    )
+    vm = await vm_factory.launch(config)
+    assert await vm.status() == "running"
+    await vm.wait_for_console(INIT_DONE_MARKER, BOOT_TIMEOUT_S)
+
+    if vm_factory.image.has_agent:
+        assert isinstance(config.agent, VirtioSerialAgent)
+        async with AgentClient(config.agent.socket_path, call_timeout=30) as client:
+            await client.wait_ready(BOOT_TIMEOUT_S)
+            details = await client.guest_details()
+            assert details.kernel_release == vm_factory.image.kernel_version
+            assert details.cgroup_version == 2
+            # Mounting makes the guest's FUSE driver handshake with virtiofsd over the device.
+            await client.mount("share", "/mnt/share", "virtiofs")
+            await client.unmount("/mnt/share")
+
+    assert await vm.status() == "running"
+    assert await vm.shutdown() == 0
+    assert not _alive(vm.pid)
+    # virtiofsd serves one connection: it exits once QEMU is gone.
+    await asyncio.wait_for(fs.process.wait(), 10)
+
+
+async def test_qmp_errors_are_translated(vm_factory: VmFactory) -> None:
+    vm = await vm_factory.launch(vm_factory.config("q35"))
+    with pytest.raises(FailedPrecondition):
+        await vm.qmp.device_del("no-such-device")
+    await vm.qmp.netdev_add({"type": "socket", "id": "probe0", "udp": "127.0.0.1:9",
+                             "localaddr": "127.0.0.1:0"})
+    await vm.qmp.netdev_del("probe0")
+    await vm.qmp.system_powerdown()  # accepted even before the guest has ACPI up
+    await vm.shutdown()
+
+
+_OWNER = """
+import asyncio, sys
+from pathlib import Path
+from tests.fixtures.guest import QEMU, VmFactory
+from crivm.guestimage.build import BuildResult
+
+async def main():
+    image = BuildResult(Path(sys.argv[2]), Path(sys.argv[3]), Path(), "", 0, 0.0, True, False)
+    factory = VmFactory(Path(sys.argv[1]), image, "tcg")
+    vm = await factory.launch(factory.config("q35"))
+    print(vm.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_vm_dies_with_its_owner(vm_factory: VmFactory) -> None:
+    """Kill the process that launched QEMU with SIGKILL: QEMU must not outlive it."""
+    image = vm_factory.image
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _OWNER, str(vm_factory.directory), str(image.kernel),
+        str(image.initrd), stdout=asyncio.subprocess.PIPE, env=env,
+    )
+    try:
+        assert owner.stdout is not None
+        line = await asyncio.wait_for(owner.stdout.readline(), 30)
+        qemu_pid = int(line)
+        assert _alive(qemu_pid)
+        owner.send_signal(signal.SIGKILL)
+        await owner.wait()
+        for _ in range(100):
+            if not _alive(qemu_pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(qemu_pid), "qemu outlived its owner"
+        assert not processes_mentioning(str(vm_factory.directory))
+    finally:
+        if owner.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                owner.kill()
+            await owner.wait()
