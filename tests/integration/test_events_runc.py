@@ -50,7 +50,7 @@ class EventReader:
     def expect(self, subject: str, event_type: int) -> api_pb2.ContainerEventResponse:
         event = self.next()
         got = (event.container_id, api_pb2.ContainerEventType.Name(event.container_event_type))
-        want = (subject, api_pb2.ContainerEventType.Name(event_type))  # type: ignore[arg-type]
+        want = (subject, api_pb2.ContainerEventType.Name(event_type))
         assert got == want, event
         return event
 
