@@ -166,6 +166,15 @@ def test_completed_and_verbose_status(crivm_daemon: CrivmDaemon,
     assert info["sandboxID"] == pod_id
     assert read_log(pod_config, "ok") == [("stdout", "0")]
 
+    # With a terminal, conmon logs what the tty shows (as stdout, with the tty's CRLF).
+    tty_id = cri.create(pod_id, busybox("tty", "test -t 1 && echo on-a-tty", tty=True,
+                                        stdin=True), pod_config)
+    cri.start(tty_id)
+    assert cri.wait_exited(tty_id).exit_code == 0
+    assert [(stream, text.rstrip("\r")) for stream, text in read_log(pod_config, "tty")] == [
+        ("stdout", "on-a-tty")
+    ]
+
 
 def test_stop_after_infra_died(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:
     """The pause process dies on its own: the pod turns NOTREADY, and StopPodSandbox still
