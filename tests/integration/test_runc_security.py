@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -170,3 +171,35 @@ def test_failed_creates_leave_nothing(crivm_daemon: CrivmDaemon,
     # The same name can be used again after the failure.
     ok_id = run(cri, pod_id, pod_config, sleeper("missing"))
     assert cri.status(ok_id).status.state == api_pb2.CONTAINER_RUNNING
+
+
+def test_mounts_and_devices(crivm_daemon: CrivmDaemon, busybox_image: PushedImage,
+                            tmp_path: Path) -> None:
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("volumes")
+    pod_id = cri.run_pod(pod_config)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello.txt").write_text("from the host\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    config = sleeper("mounter")
+    config.mounts.extend([
+        api_pb2.Mount(container_path="/ro", host_path=str(shared), readonly=True,
+                      selinux_relabel=True),  # no SELinux here: ignored, not an error
+        api_pb2.Mount(container_path="/rw", host_path=str(scratch),
+                      propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER),
+        api_pb2.Mount(container_path="/made", host_path=str(tmp_path / "made-by-crivm")),
+    ])
+    config.devices.append(api_pb2.Device(container_path="/dev/mynull", host_path="/dev/null",
+                                         permissions="rw"))
+    ctr_id = run(cri, pod_id, pod_config, config)
+    assert sh(cri, ctr_id, "cat /ro/hello.txt").stdout == b"from the host\n"
+    assert sh(cri, ctr_id, "touch /ro/nope").exit_code != 0
+    assert sh(cri, ctr_id, "echo written > /rw/out.txt").exit_code == 0
+    assert (scratch / "out.txt").read_text() == "written\n"
+    assert (tmp_path / "made-by-crivm").is_dir()
+    assert sh(cri, ctr_id, "echo x > /dev/mynull && test -c /dev/mynull").exit_code == 0
+    mounts = {m.container_path for m in cri.status(ctr_id).status.mounts}
+    assert mounts == {"/ro", "/rw", "/made"}
