@@ -6,12 +6,10 @@ The real-cgroup counterparts are in tests/integration/test_cgroup_stats.py.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-from crivm.proto import agent_pb2, api_pb2
-from crivm.runtime.stats import cri_metrics, cri_stats, vm_samples
+from crivm.proto import api_pb2
+from crivm.runtime.stats import cri_metrics, cri_stats
 from crivm.runtime.stats.cgroups import cgroup_version, read_cgroup, read_v1, read_v2
 from crivm.runtime.stats.cpu_rate import CpuRates
 from crivm.runtime.stats.netdev import parse_net_dev
@@ -228,34 +226,3 @@ def test_pod_metrics_follow_the_descriptors() -> None:
     for metric in [*metrics.metrics, *ctr.metrics]:
         assert len(metric.label_values) == len(keys[metric.name])
 
-
-def test_agent_reply_becomes_a_sample() -> None:
-    reply = agent_pb2.StatsContainerResponse(
-        timestamp_ns=5,
-        cpu=agent_pb2.CpuStats(usage_ns=900),
-        memory=agent_pb2.MemoryStats(usage_bytes=300, working_set_bytes=200, rss_bytes=150),
-        pids=agent_pb2.PidsStats(current=2),
-        network=[agent_pb2.NetworkStats(interface="eth0", rx_bytes=7, tx_bytes=8)],
-    )
-    sample = vm_samples.from_agent(reply)
-    assert (sample.timestamp_ns, sample.cpu_usage_ns, sample.process_count) == (5, 900, 2)
-    assert (sample.memory_working_set_bytes, sample.memory_rss_bytes) == (200, 150)
-    assert sample.memory_limit_bytes is None
-    assert sample.interfaces == (InterfaceSample("eth0", 7, 0, 8, 0),)
-    # No memory controller in the guest: unknown, not zero.
-    bare = vm_samples.from_agent(agent_pb2.StatsContainerResponse(timestamp_ns=1))
-    assert bare.memory_working_set_bytes is None
-
-
-def test_host_processes_sample() -> None:
-    # This test process is a real process with real counters.
-    busy_until = time.process_time() + 0.2
-    while time.process_time() < busy_until:
-        pass
-    sample = vm_samples.processes_sample([os.getpid(), 2**22 + 7])  # the second is no pid
-    assert sample is not None
-    assert sample.process_count == 1
-    assert sample.cpu_usage_ns is not None and sample.cpu_usage_ns >= 150_000_000
-    assert sample.memory_working_set_bytes is not None
-    assert sample.memory_working_set_bytes > 10 * MIB  # a Python interpreter
-    assert vm_samples.processes_sample([2**22 + 7]) is None
