@@ -48,6 +48,10 @@ class TimedCri:
             self.samples[op].append(time.perf_counter() - started)
         return reply
 
+    def version(self, op: str | None = None) -> str:
+        reply = self._call(op, self.runtime.Version, api_pb2.VersionRequest())
+        return str(reply.runtime_version)
+
     # -- images -----------------------------------------------------------------------
 
     def pull(self, image: str, op: str | None = None) -> str:
