@@ -1,0 +1,235 @@
+"""A VM pod's infrastructure: shared dir, tap, and the supervisor that runs virtiofsd + QEMU.
+
+Start order, each step with its undo: pod dir, shared mount, pod files, tap in the pod netns,
+the supervisor (which boots the VM inside the netns), then, through the agent, the shared
+directory mount and the guest network. Stop asks the supervisor to quit the VM; remove also
+deletes the tap, the mounts and the pod dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crivm.errors import CrivmError, DeadlineExceeded, Unavailable
+from crivm.netbridge import tap
+from crivm.netbridge.netns import netns_argv_prefix
+from crivm.proto import api_pb2
+from crivm.runtime.backend import SandboxRequest
+from crivm.runtime.config import RuntimeHandler
+from crivm.runtime.runc_backend.environment import wait_pid_gone
+from crivm.runtime.runc_backend.pod_files import hosts_file, resolv_conf
+from crivm.runtime.store import PodRecord
+from crivm.runtime.undo import UndoSteps
+from crivm.runtime.vm_backend import guest_network, shared_dir
+from crivm.runtime.vm_backend.agent_client import AgentClient
+from crivm.shim.vm_spec import GUEST_SHARED_DIR, SHARED_TAG, PodPaths, VmSpec
+
+log = logging.getLogger(__name__)
+
+SUPERVISOR_MODULE = "crivm.shim.vm_supervisor"
+# QMP quit, then the supervisor's own SIGKILL fallback, must fit in this.
+STOP_TIMEOUT_S = 20.0
+MIB = 1024 * 1024
+# The pod files live here inside the shared dir, and so in the guest.
+POD_FILES_DIR = "pod"
+POD_DIR_ID_CHARS = 20
+
+
+class VmStartError(CrivmError):
+    """The pod's VM did not come up; the message carries the supervisor's reason."""
+
+
+@dataclass(frozen=True)
+class VmEnvironment:
+    handler_name: str
+    handler: RuntimeHandler
+    runroot: str
+    root: str
+    accel: str
+
+    def pod_paths(self, pod_id: str) -> PodPaths:
+        # unix socket paths must fit in 108 bytes; a prefix of the random id is unique enough
+        # (and a clash fails the create rather than sharing a directory).
+        return PodPaths(os.path.join(self.runroot, "vm", pod_id[:POD_DIR_ID_CHARS]))
+
+
+def vm_size(handler: RuntimeHandler, config: api_pb2.PodSandboxConfig) -> tuple[int, int]:
+    """(vCPUs, memory MiB): the pod's limits (or the handler's defaults) plus the overhead."""
+    resources = config.linux.resources
+    memory_mb = handler.default_memory_mb
+    if resources.memory_limit_in_bytes > 0:
+        memory_mb = max(memory_mb, math.ceil(resources.memory_limit_in_bytes / MIB))
+    vcpus = handler.default_vcpus
+    if resources.cpu_quota > 0 and resources.cpu_period > 0:
+        vcpus = max(vcpus, math.ceil(resources.cpu_quota / resources.cpu_period))
+    vcpus = min(vcpus, os.cpu_count() or 1)
+    return vcpus, memory_mb + handler.memory_overhead_mb
+
+
+def guest_pod_file(name: str) -> str:
+    return f"{GUEST_SHARED_DIR}/{POD_FILES_DIR}/{name}"
+
+
+def _write_pod_files(paths: PodPaths, config: api_pb2.PodSandboxConfig,
+                     ips: tuple[str, ...]) -> None:
+    directory = os.path.join(paths.shared_dir, POD_FILES_DIR)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    files = {
+        "hostname": (config.hostname or "localhost") + "\n",
+        "hosts": hosts_file(config.hostname, ips),
+        "resolv.conf": resolv_conf(config.dns_config) if config.HasField("dns_config") else "",
+    }
+    for name, text in files.items():
+        Path(directory, name).write_text(text)
+
+
+def _python_env() -> dict[str, str]:
+    """The supervisor imports the same crivm as the daemon, installed or from a checkout."""
+    package_root = str(Path(__file__).resolve().parents[3])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float) -> dict[str, Any]:
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, spec.paths.spec]
+    if netns_path:
+        argv = netns_argv_prefix(netns_path) + argv
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_python_env(), start_new_session=True,
+        )
+    except OSError as exc:
+        raise Unavailable(f"cannot start the VM supervisor: {exc.strerror}") from exc
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError as exc:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise DeadlineExceeded(f"the VM supervisor of {spec.name} did not report within "
+                               f"{timeout_s:.0f} s") from exc
+    try:
+        report: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = {"ok": False, "error": stderr.decode(errors="replace").strip()[-2000:]}
+    if proc.returncode != 0 or not report.get("ok"):
+        raise VmStartError(f"VM of pod {spec.name} did not start: {report.get('error')}")
+    return report
+
+
+def supervisor_pid(paths: PodPaths) -> int:
+    """The supervisor's pid if it still runs (checked against its command line, so a reused
+    pid is never mistaken for it), else 0."""
+    try:
+        pid = int(Path(paths.supervisor_pidfile).read_text().strip() or 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return 0
+    return pid if paths.spec.encode() in cmdline else 0
+
+
+async def stop_supervisor(paths: PodPaths, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the supervisor (it quits the VM and virtiofsd), SIGKILL it if it lingers; its
+    children die with it through PR_SET_PDEATHSIG."""
+    pid = supervisor_pid(paths)
+    if not pid:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not await wait_pid_gone(pid, timeout_s):
+        log.warning("VM supervisor %d ignored SIGTERM; killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await wait_pid_gone(pid, 5.0)
+
+
+async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
+    pod_id = request.pod.id
+    config = request.config
+    extra = {"pod_id": pod_id}
+    paths = env.pod_paths(pod_id)
+    handler = env.handler
+    vcpus, memory_mb = vm_size(handler, config)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with UndoSteps(extra) as undo:
+        undo.add("remove the pod directory", shutil.rmtree, paths.pod_dir, True)
+        os.makedirs(paths.pod_dir, mode=0o700)
+        undo.add("unmount the shared directory", shared_dir.remove_shared_dir, paths.shared_dir)
+        await asyncio.to_thread(shared_dir.make_shared_dir, paths.shared_dir)
+        await asyncio.to_thread(_write_pod_files, paths, config, request.ips)
+        net = None
+        if request.netns_path:
+            undo.add("remove the tap", tap.detach_tap, request.netns_path)
+            net = await tap.attach_tap(request.netns_path)
+        spec = VmSpec(
+            name=pod_id, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
+            virtiofsd_path=handler.virtiofsd_path,
+            kernel=handler.kernel or os.path.join(env.root, "guest", "vmlinuz"),
+            initrd=handler.initrd or os.path.join(env.root, "guest", "initrd.img"),
+            machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
+            vcpus=vcpus, memory_mb=memory_mb,
+            tap_name=net.tap_name if net else "", mac=net.mac if net else "",
+        )
+        Path(paths.spec).write_text(spec.to_json())
+        undo.add("stop the VM", stop_supervisor, paths)
+        report = await _launch_supervisor(spec, request.netns_path, handler.boot_timeout_s)
+        booted = loop.time()
+        async with AgentClient(paths.mux_socket) as agent:
+            await agent.wait_ready(max(1.0, handler.boot_timeout_s - (booted - started)))
+            ready = loop.time()
+            await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
+            dns = config.dns_config if config.HasField("dns_config") else None
+            await guest_network.configure(agent, net, dns)
+        undo.commit()
+    log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",
+             pod_id, loop.time() - started, ready - started, vcpus, memory_mb, env.accel,
+             extra=extra)
+    return {
+        "vm": {
+            "pod_dir": paths.pod_dir,
+            "supervisor_pid": report.get("supervisor_pid", 0),
+            "qemu_pid": report.get("qemu_pid", 0),
+            "virtiofsd_pid": report.get("virtiofsd_pid", 0),
+            "vcpus": vcpus,
+            "memory_mb": memory_mb,
+            "accel": env.accel,
+            "tap": net.tap_name if net else "",
+            "boot_seconds": round(ready - started, 2),
+        },
+        "netns_path": request.netns_path,
+    }
+
+
+async def stop(env: VmEnvironment, pod: PodRecord) -> None:
+    await stop_supervisor(env.pod_paths(pod.id))
+    netns_path = str(pod.extra.get("netns_path", ""))
+    if netns_path:
+        await tap.detach_tap(netns_path)
+
+
+async def remove(env: VmEnvironment, pod: PodRecord) -> None:
+    await stop(env, pod)
+    paths = env.pod_paths(pod.id)
+    await asyncio.to_thread(shared_dir.remove_shared_dir, paths.shared_dir)
+    await asyncio.to_thread(shutil.rmtree, paths.pod_dir, True)
+
+
+async def alive(env: VmEnvironment, pod: PodRecord) -> bool:
+    paths = env.pod_paths(pod.id)
+    return bool(supervisor_pid(paths)) and os.path.exists(paths.mux_socket)
