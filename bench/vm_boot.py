@@ -165,7 +165,7 @@ def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: Buil
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} host cores, accel **{accel}**, "
         f"{runs} runs per row, medians with min-max).",
         f"Guest: kernel {image.kernel_version}, initrd {image.initrd_bytes / 2**20:.1f} MiB "
-        "(gzip), 1 vCPU, 256 MiB, virtio-fs + virtio-serial + virtio-rng devices.",
+        f"({image.compression}), 1 vCPU, 256 MiB, virtio-fs + virtio-serial + virtio-rng devices.",
         "",
         "| machine | floor: init runs | floor: QEMU exits | image: init done "
         "| image: agent listening | image: agent answers Check | ready minus floor init |",

@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"output directory (default {buildmod.DEFAULT_OUT_DIR})")
     parser.add_argument("--cache", type=Path, default=buildmod.DEFAULT_CACHE_DIR,
                         help=f"download cache (default {buildmod.DEFAULT_CACHE_DIR})")
-    parser.add_argument("--compression", choices=["gzip", "none"], default="gzip")
+    parser.add_argument("--compression", choices=["gzip", "none"], default="none",
+                        help="initramfs compression (default none: boots faster under TCG)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     return parser
 
