@@ -38,6 +38,12 @@ def test_restart_keeps_containers(crivm_daemon: CrivmDaemon, busybox_image: Push
     later_id = cri.create(pod_id, config("later", "echo later"), pod_config)
     assert cri.status(short_id).status.state == api_pb2.CONTAINER_RUNNING
 
+    # conmon lives in the pod's cgroup, not the daemon's: a service manager stopping the
+    # daemon's cgroup leaves the monitors (and so the containers) alone.
+    conmon_pid = (crivm_daemon.runroot / "oci" / long_id / "conmon.pid").read_text().strip()
+    with open(f"/proc/{conmon_pid}/cgroup") as fh:
+        assert f"/crivm/pod-{pod_id}" in fh.read()
+
     crivm_daemon.stop()
     time.sleep(3)
     crivm_daemon.start()

@@ -30,6 +30,7 @@ from crivm.runtime.runc_backend.environment import (
     wait_for_exit,
     write_spec,
 )
+from crivm.runtime.runc_backend.host import move_to_cgroup
 from crivm.runtime.runc_backend.oci import process_alive, signal_number
 from crivm.runtime.runc_backend.passwd import resolve_user
 from crivm.runtime.runc_backend.spec_resources import resources_section
@@ -172,6 +173,7 @@ async def create(
             name=config.metadata.name,
             stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
         ))
+        move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), request.pod.extra["cgroup_parent"])
         undo.commit()
     log.info("created container %s (pid %d)", ctr.id, pid, extra=extra)
     return {

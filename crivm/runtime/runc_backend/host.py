@@ -72,3 +72,22 @@ def remove_cgroup(path: str, stop_at: str = "/") -> None:
             except OSError:
                 break  # busy or not empty: something else still lives there
             current = os.path.dirname(current)
+
+
+def move_to_cgroup(pid: int, path: str) -> None:
+    """Move ``pid`` into cgroup ``path`` in every hierarchy that has it.
+
+    conmon starts in the daemon's cgroup. Moving it into the pod's cgroup (CRI-O's
+    conmon_cgroup = "pod") keeps it alive when a service manager kills the daemon's whole
+    cgroup on stop, and charges the monitor to the pod it serves."""
+    if pid <= 0:
+        return
+    for hierarchy in cgroup_hierarchies():
+        procs = os.path.join(hierarchy + path, "cgroup.procs")
+        if not os.path.exists(procs):
+            continue
+        try:
+            with open(procs, "w") as fh:
+                fh.write(str(pid))
+        except OSError as exc:
+            log.warning("could not move pid %d into %s: %s", pid, procs, exc.strerror)

@@ -22,7 +22,7 @@ from crivm.runtime.runc_backend.environment import (
     wait_for_exit,
     write_spec,
 )
-from crivm.runtime.runc_backend.host import remove_cgroup
+from crivm.runtime.runc_backend.host import move_to_cgroup, remove_cgroup
 from crivm.runtime.runc_backend.oci import process_alive
 from crivm.runtime.runc_backend.pod_files import remove_pod_files, write_pod_files
 from crivm.runtime.store import PodRecord
@@ -76,6 +76,7 @@ async def start(
             undo.add("remove the pod cgroup", remove_cgroup, parent, "/crivm")
         undo.add("delete the infra container", delete_container, env, layout)
         pid = await conmon.spawn(_conmon_argv(env, layout, config.metadata.name))
+        move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), parent)
         await env.runtime.start(pod_id)
         undo.commit()
     log.info("infra container of pod %s runs as pid %d", pod_id, pid, extra=extra)
