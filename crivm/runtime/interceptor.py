@@ -8,6 +8,7 @@ answered INVALID_ARGUMENT rather than grpc's generic INTERNAL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -79,54 +80,42 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
         async def call(request: Any, context: Context) -> Any:
-            token = requestlog.request_id.set(secrets.token_hex(4))
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                if isinstance(request, _Malformed):
-                    raise InvalidArgument(f"malformed {method} request: {request.error}")
+            async with self._scope(method, request, context):
                 return await behavior(request, context)
-            except CrivmError as exc:
-                code = exc.code.name
-                log.warning("%s failed: %s: %s", method, code, exc)
-                await context.abort(exc.code, str(exc))
-            except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                code = "INTERNAL"
-                log.exception("%s failed with an unexpected error", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc}")
-            finally:
-                self._observe(method, time.perf_counter() - start, code)
-                requestlog.request_id.reset(token)
 
         return call
 
     def _wrap_stream(self, method: str, behavior: Any) -> Any:
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            token = requestlog.request_id.set(secrets.token_hex(4))
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                if isinstance(request, _Malformed):
-                    raise InvalidArgument(f"malformed {method} request: {request.error}")
+            async with self._scope(method, request, context):
                 async for item in behavior(request, context):
                     yield item
-            except CrivmError as exc:
-                code = exc.code.name
-                log.warning("%s failed: %s: %s", method, code, exc)
-                await context.abort(exc.code, str(exc))
-            except Exception as exc:
-                if _is_abort(exc):
-                    raise
-                code = "INTERNAL"
-                log.exception("%s failed with an unexpected error", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc}")
-            finally:
-                self._observe(method, time.perf_counter() - start, code)
-                requestlog.request_id.reset(token)
 
         return call
+
+    @contextlib.asynccontextmanager
+    async def _scope(self, method: str, request: Any, context: Context) -> AsyncIterator[None]:
+        """One call: a request id for its log lines, its outcome observed, errors mapped."""
+        token = requestlog.request_id.set(secrets.token_hex(4))
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"malformed {method} request: {request.error}")
+            yield
+        except CrivmError as exc:
+            code = exc.code.name
+            log.warning("%s failed: %s: %s", method, code, exc)
+            await context.abort(exc.code, str(exc))
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            code = "INTERNAL"
+            log.exception("%s failed with an unexpected error", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc}")
+        finally:
+            self._observe(method, time.perf_counter() - start, code)
+            requestlog.request_id.reset(token)
 
     def _observe(self, method: str, seconds: float, code: str) -> None:
         level = logging.DEBUG if code == "OK" else logging.INFO
