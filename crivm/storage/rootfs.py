@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +85,20 @@ async def unmount(path: Path) -> None:
     await asyncio.to_thread(_umount, str(path))
 
 
-def remove_container_dir(containers_dir: Path, container_id: str) -> None:
+def move_container_dir_aside(containers_dir: Path, container_id: str,
+                             trash_dir: Path) -> Path | None:
+    """Rename the container's dir into ``trash_dir`` (same filesystem) and return its new
+    path, or None if there was none. One rename instead of deleting every file of the
+    writable layer while the caller waits; the caller deletes the returned dir later."""
     base = container_dir(containers_dir, container_id)
     if os.path.ismount(base / "merged"):
         raise MountError(f"container {container_id}: rootfs is still mounted; not deleting")
-    shutil.rmtree(base, ignore_errors=True)
+    aside = trash_dir / f"removed-{container_id}-{os.urandom(4).hex()}"
+    try:
+        os.rename(base, aside)
+    except FileNotFoundError:
+        return None
+    return aside
 
 
 def _mount(target: str, data: str) -> None:

@@ -66,6 +66,8 @@ class ImageService:
         self._puller = Puller(settings, self._blobs, self._layers, self._catalog)
         self._pause_image = config.pause_image
         self._gc_lock = asyncio.Lock()
+        # Removed containers' dirs being deleted in the background (see _forget_rootfs).
+        self._deletions: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, config: Config, store: Store) -> ImageService:
@@ -79,6 +81,8 @@ class ImageService:
 
     async def close(self) -> None:
         await self._puller.close()
+        if self._deletions:
+            await asyncio.gather(*self._deletions, return_exceptions=True)
 
     def observe_pulls(self, observer: Callable[[float, bool], None]) -> None:
         """Call ``observer(seconds, succeeded)`` after every pull."""
@@ -222,9 +226,16 @@ class ImageService:
     async def _forget_rootfs(self, container_id: str) -> None:
         await rootfs_mod.unmount(rootfs_mod.container_dir(self.containers_dir, container_id)
                                  / "merged")
-        await asyncio.to_thread(rootfs_mod.remove_container_dir, self.containers_dir,
-                                container_id)
+        # Deleting the writable layer file by file took 2-10 ms of every RemoveContainer;
+        # moved into tmp/ it is gone from the container's name at once, is deleted in the
+        # background, and a crash leaves it to the tmp/ sweep in open().
+        aside = rootfs_mod.move_container_dir_aside(self.containers_dir, container_id,
+                                                    self._tmp_dir)
         self._catalog.remove_rootfs(container_id)
+        if aside is not None:
+            task = asyncio.create_task(asyncio.to_thread(shutil.rmtree, aside, True))
+            self._deletions.add(task)
+            task.add_done_callback(self._deletions.discard)
 
     def _layout(self, container_id: str, image_id: str, chains: tuple[str, ...]) -> Rootfs:
         lowerdirs = []

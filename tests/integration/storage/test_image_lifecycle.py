@@ -91,9 +91,14 @@ async def test_rootfs_holds_layers_until_removed(
 
     await images.remove_rootfs("ctr-1")
     assert not rootfs.path.exists() and _layer_dirs(images) == set()
+    assert not (images.containers_dir / "ctr-1").exists()
     await images.remove_rootfs("ctr-1")  # idempotent
     with pytest.raises(NotFound):
         await images.create_rootfs(busybox_image.ref, "ctr-2")
+    # The writable layer was moved into tmp/ and is deleted in the background; close()
+    # waits for that.
+    await images.close()
+    assert list((images.storage_dir / "tmp").iterdir()) == []
 
 
 async def test_restart_keeps_images_and_rootfs(
