@@ -46,6 +46,13 @@ async def test_rebuild_with_same_inputs_is_cached(guest_image: BuildResult) -> N
     assert manifest["outputs"]["initrd.img"]["bytes"] == again.initrd_bytes
 
 
+async def test_forced_rebuild_is_byte_identical(guest_image: BuildResult, tmp_path: Path) -> None:
+    fresh = await build(tmp_path / "out", GUEST_CACHE, force=True)
+    assert not fresh.cached
+    assert fresh.initrd.read_bytes() == guest_image.initrd.read_bytes()
+    assert fresh.kernel.read_bytes() == guest_image.kernel.read_bytes()
+
+
 @pytest.mark.parametrize("machine", ["q35", "microvm"])
 async def test_boots_with_virtiofs_and_agent_channel(
     vm_factory: VmFactory, share_dir: Path, machine: str
