@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from crivm.errors import FailedPrecondition
 from crivm.guestimage.build import BuildResult, build
 from crivm.guestimage.init_script import INIT_DONE_MARKER
-from crivm.hypervisor.qemu.cmdline import VirtioFs, VirtioSerialAgent
+from crivm.hypervisor.qemu.cmdline import VirtioFs, VirtioSerialAgent, hotplug_port_id
 from crivm.runtime.vm_backend.agent_client import AgentClient
 from tests.fixtures.guest import BOOT_TIMEOUT_S, GUEST_CACHE, VmFactory, processes_mentioning
 
@@ -83,6 +84,46 @@ async def test_boots_with_virtiofs_and_agent_channel(
     assert not _alive(vm.pid)
     # virtiofsd serves one connection: it exits once QEMU is gone.
     await asyncio.wait_for(fs.process.wait(), 10)
+
+
+def _pci_devices(reply: object) -> list[tuple[int, str]]:
+    """(device id, qdev id) of every device on every bus in a query-pci reply."""
+    found: list[tuple[int, str]] = []
+
+    def walk(devices: list[dict[str, object]]) -> None:
+        for dev in devices:
+            ident = dev.get("id")
+            assert isinstance(ident, dict)
+            found.append((int(str(ident["device"])), str(dev.get("qdev_id", ""))))
+            bridge = dev.get("pci_bridge")
+            if isinstance(bridge, dict) and isinstance(bridge.get("devices"), list):
+                walk(bridge["devices"])
+
+    assert isinstance(reply, list)
+    for bus in reply:
+        walk(bus["devices"])
+    return found
+
+
+async def test_nic_hotplug_over_qmp(vm_factory: VmFactory) -> None:
+    config = dataclasses.replace(vm_factory.config("q35"), hotplug_ports=1)
+    vm = await vm_factory.launch(config)
+    await vm.wait_for_console(INIT_DONE_MARKER, BOOT_TIMEOUT_S)
+    await vm.qmp.netdev_add({"type": "socket", "id": "hp-net0", "udp": "127.0.0.1:9",
+                             "localaddr": "127.0.0.1:0"})
+    await vm.qmp.device_add("virtio-net-pci", "hp-nic0", netdev="hp-net0",
+                            bus=hotplug_port_id(0), mac="02:00:00:00:00:42")
+    assert any(qdev == "hp-nic0" for _, qdev in _pci_devices(await vm.qmp.execute("query-pci")))
+    # Unplug needs the guest's consent (PCIe native hotplug): wait until it lets go.
+    await vm.qmp.device_del("hp-nic0")
+    for _ in range(600):
+        if not any(q == "hp-nic0" for _, q in _pci_devices(await vm.qmp.execute("query-pci"))):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the guest never released the hot-unplugged NIC")
+    await vm.qmp.netdev_del("hp-net0")
+    assert await vm.shutdown() == 0
 
 
 async def test_qmp_errors_are_translated(vm_factory: VmFactory) -> None:

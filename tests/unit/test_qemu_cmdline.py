@@ -166,6 +166,15 @@ def test_rng_optional_and_pidfile() -> None:
     assert "rng-random,id=rng0,filename=/dev/random" in _values(custom, "-object")
 
 
+def test_hotplug_ports_on_q35_only() -> None:
+    argv = build_argv("qemu", _config(hotplug_ports=2))
+    ports = [d for d in _values(argv, "-device") if d.startswith("pcie-root-port")]
+    assert ports == ["pcie-root-port,id=hotplug0,bus=pcie.0,chassis=1",
+                     "pcie-root-port,id=hotplug1,bus=pcie.0,chassis=2"]
+    with pytest.raises(ValueError):
+        build_argv("qemu", _config(machine=Machine("microvm"), hotplug_ports=1))
+
+
 def test_commas_in_values_are_escaped() -> None:
     argv = build_argv("qemu", _config(console=Console("/run/a,b/console.log")))
     assert "file,id=console0,path=/run/a,,b/console.log" in _values(argv, "-chardev")

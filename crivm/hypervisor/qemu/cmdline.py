@@ -235,6 +235,23 @@ class VmConfig:
     extra_kernel_args: tuple[str, ...] = ()
     pidfile: str | None = None
     sandbox: bool = True
+    # Empty PCIe root ports (q35 only) for QMP device_add later: the root bus itself does not
+    # take hotplugged devices. Ports are named hotplug0, hotplug1, ...
+    hotplug_ports: int = 0
+
+
+def hotplug_port_id(index: int) -> str:
+    return f"hotplug{index}"
+
+
+def _hotplug_argv(config: VmConfig) -> list[str]:
+    if config.hotplug_ports and config.machine.type != "q35":
+        raise ValueError("hotplug ports need the q35 machine; microvm has no PCIe")
+    argv: list[str] = []
+    for index in range(config.hotplug_ports):
+        argv += ["-device", _opts("pcie-root-port", id=hotplug_port_id(index), bus="pcie.0",
+                                  chassis=index + 1)]
+    return argv
 
 
 def kernel_cmdline(config: VmConfig) -> str:
@@ -270,6 +287,7 @@ def build_argv(qemu_path: str, config: VmConfig) -> list[str]:
         argv += net.argv(machine)
     if config.rng is not None:
         argv += config.rng.argv(machine)
+    argv += _hotplug_argv(config)
     if config.pidfile:
         argv += ["-pidfile", config.pidfile]
     return argv
