@@ -43,6 +43,12 @@ def sh(cri: CriClient, ctr_id: str, script: str) -> api_pb2.ExecSyncResponse:
     return cri.exec_sync(ctr_id, ["/bin/sh", "-c", script], timeout=30)
 
 
+def _has_sys_resource() -> bool:
+    with open("/proc/self/status") as fh:
+        mask = next(line for line in fh if line.startswith("CapEff:")).split()[1]
+    return bool(int(mask, 16) >> 24 & 1)  # CAP_SYS_RESOURCE
+
+
 def cap_eff(cri: CriClient, ctr_id: str) -> int:
     out = sh(cri, ctr_id, "grep CapEff /proc/self/status").stdout.decode()
     return int(out.split()[1], 16)
@@ -118,7 +124,13 @@ def test_resources_update_and_log_reopen(crivm_daemon: CrivmDaemon,
     )
     config.linux.resources.memory_limit_in_bytes = 64 << 20
     config.linux.resources.cpu_shares = 256
+    # The daemon lacks CAP_SYS_RESOURCE here, so it cannot hand out a score below its own;
+    # the value is clamped instead of failing the container.
+    config.linux.resources.oom_score_adj = -999
     ctr_id = run(cri, pod_id, pod_config, config)
+    with open("/proc/self/oom_score_adj") as fh:
+        floor = int(fh.read()) if not _has_sys_resource() else -999
+    assert int(sh(cri, ctr_id, "cat /proc/self/oom_score_adj").stdout) == floor
     memory = f"/sys/fs/cgroup/memory/crivm/pod-{pod_id}/crivm-{ctr_id}/memory.limit_in_bytes"
     with open(memory) as fh:
         assert int(fh.read()) == 64 << 20
