@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         })
         snapshot.take("idle (pause + busybox stored, no pods)")
         started = time.monotonic()
+        payload["load_average_1m"] = {"start": os.getloadavg()[0]}
         with _py_spy(runtimes["crivm"].pid, args.py_spy):
             if "images" in phases:
                 workloads.image_phase(clients, plan, _image_label("busybox", pushed["small"]),
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "memory" in phases:
                 workloads.memory_phase(clients, plan, snapshot)
         snapshot.take("idle after the run")
+        payload["load_average_1m"]["end"] = os.getloadavg()[0]
         payload["duration_s"] = round(time.monotonic() - started, 1)
         payload["samples"] = {name: dict(cri.samples) for name, cri in clients.items()}
         payload["memory"] = snapshot.states
@@ -226,6 +228,12 @@ def render(payload: dict[str, Any]) -> str:
     machine = payload.get("machine", {})
     lines = ["### Machine", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
+    load = payload.get("load_average_1m", {})
+    if load:
+        lines.append("- load average (1 min) at start / end of the measured phases: "
+                     f"{load.get('start', 0):.1f} / {load.get('end', 0):.1f}")
+    if payload.get("command"):
+        lines.append(f"- command: `{payload['command']}` ({payload.get('duration_s', '?')} s)")
     lines += ["", "### Latency (ms; ratio = crivm / containerd)", "",
               report.latency_markdown(table), "### Memory", "",
               report.memory_markdown(payload.get("memory", {}))]

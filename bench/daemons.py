@@ -1,6 +1,6 @@
 """The two runtimes under test, each started by the bench with its own temporary state.
 
-Both daemons get the same CNI conflist directory (bridge ``crivmbench0`` on 10.91.0.0/16, its
+Both daemons get the same CNI conflist directory (bridge ``crivmbench0`` on 10.92.0.0/16, its
 own host-local IPAM dir) and the same plugin dir, and both reach the local registry through
 their own mirror syntax: crivm through a registries.conf, containerd through a hosts.toml
 directory (``config_path``). Everything a daemon makes lives under its base dir, so the final
@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_BRIDGE = "crivmbench0"
-BENCH_SUBNET = "10.91.0.0/16"
-BENCH_GATEWAY = "10.91.0.1"
+# Apart from the test fixtures' networks (10.90/16 runc, 10.91/16 vm), which may be up at the
+# same time on this host: two bridges with one subnet would steal each other's routes.
+BENCH_SUBNET = "10.92.0.0/16"
+BENCH_GATEWAY = "10.92.0.1"
 CNI_PLUGIN_DIR = "/usr/lib/cni"
 RUNC = "/usr/sbin/runc"
 CONTAINERD = "/usr/bin/containerd"
