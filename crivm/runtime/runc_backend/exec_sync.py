@@ -24,6 +24,7 @@ from crivm.runtime.runc_backend.environment import RuncEnvironment
 
 READ_CHUNK = 64 * 1024
 REAP_TIMEOUT_S = 5.0
+PIDFILE_WAIT_S = 2.0
 
 
 def exec_process(container_process: dict[str, Any], cmd: list[str]) -> dict[str, Any]:
@@ -48,8 +49,15 @@ async def _read_capped(stream: asyncio.StreamReader, limit: int) -> bytes:
     return bytes(kept)
 
 
-def _kill_from_pidfile(path: str) -> None:
+async def _kill_from_pidfile(path: str, proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the exec'd process. A very short timeout can fire before runc has written
+    the pid file, so wait for it while runc exec still runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PIDFILE_WAIT_S
     pid = conmon.read_pid(path)
+    while pid <= 0 and proc.returncode is None and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+        pid = conmon.read_pid(path)
     if pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -86,7 +94,7 @@ async def exec_sync(
         try:
             stdout, stderr, code = await asyncio.wait_for(collect, timeout_s or None)
         except TimeoutError as exc:
-            _kill_from_pidfile(pidfile)
+            await _kill_from_pidfile(pidfile, proc)
             # runc exec is the killed process's parent: let it reap the process and exit,
             # or the zombie would be re-parented outside the pod and linger.
             try:
