@@ -97,6 +97,13 @@ class Config:
     def handler(self, name: str) -> RuntimeHandler:
         return self.runtimes[name]
 
+    def guest_kernel(self, handler: RuntimeHandler) -> Path:
+        """The guest kernel a vm handler boots: its own, or `crivm guest-image build`'s."""
+        return Path(handler.kernel or Path(self.root) / "guest" / "vmlinuz")
+
+    def guest_initrd(self, handler: RuntimeHandler) -> Path:
+        return Path(handler.initrd or Path(self.root) / "guest" / "initrd.img")
+
 
 def load(path: str | Path) -> Config:
     """Read and validate a config file. A missing file is an error; use ``defaults()`` for none."""

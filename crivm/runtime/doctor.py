@@ -124,9 +124,10 @@ async def check_qemu(config: Config) -> list[Check]:
     vfs = _executable(handler.virtiofsd_path)
     checks.append(Check("virtiofsd", vfs, handler.virtiofsd_path if vfs else
                         f"{handler.virtiofsd_path} missing: vm pods cannot share rootfs"))
-    kernel_ok = bool(handler.kernel) and Path(handler.kernel).exists()
-    checks.append(Check("guest image", kernel_ok, handler.kernel if kernel_ok else
-                        "not built: run `crivm guest-image build`"))
+    kernel, initrd = config.guest_kernel(handler), config.guest_initrd(handler)
+    built = kernel.exists() and initrd.exists()
+    checks.append(Check("guest image", built, f"{kernel}, {initrd}" if built else
+                        f"{kernel} not built: run `crivm guest-image build`"))
     return checks
 
 
