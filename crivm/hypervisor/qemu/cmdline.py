@@ -254,9 +254,15 @@ def _hotplug_argv(config: VmConfig) -> list[str]:
     return argv
 
 
+# Skip probes that find nothing in these VMs: no PS/2 keyboard or mouse, no self-tests of
+# crypto algorithms, no IO-APIC timer check. Under TCG this saves about a second of boot.
+_FAST_BOOT_ARGS = ("i8042.noaux=1", "i8042.nokbd=1", "i8042.nopnp=1", "cryptomgr.notests",
+                   "no_timer_check", "rcupdate.rcu_expedited=1")
+
+
 def kernel_cmdline(config: VmConfig) -> str:
     # panic=-1 turns a guest panic into a reboot, which -no-reboot turns into QEMU exiting.
-    args = ["console=ttyS0", "panic=-1", "quiet", config.agent.kernel_arg]
+    args = ["console=ttyS0", "panic=-1", "quiet", *_FAST_BOOT_ARGS, config.agent.kernel_arg]
     if config.machine.type == "microvm":
         # No PCI probing on microvm; reboot through the keyboard controller is absent too.
         args += ["pci=off", "reboot=t"]
