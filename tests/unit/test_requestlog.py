@@ -1,10 +1,20 @@
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 
 from crivm.runtime import log as requestlog
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_json_lines_carry_request_id_and_extras(capsys: pytest.CaptureFixture[str]) -> None:
