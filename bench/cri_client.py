@@ -82,8 +82,9 @@ class TimedCri:
             log_directory=f"{self.log_dir}/{uid}",
         )
 
-    def run_pod(self, config: api_pb2.PodSandboxConfig, op: str | None = None) -> str:
-        request = api_pb2.RunPodSandboxRequest(config=config)
+    def run_pod(self, config: api_pb2.PodSandboxConfig, op: str | None = None,
+                handler: str = "") -> str:
+        request = api_pb2.RunPodSandboxRequest(config=config, runtime_handler=handler)
         return str(self._call(op, self.runtime.RunPodSandbox, request).pod_sandbox_id)
 
     def create(self, pod_id: str, pod_config: api_pb2.PodSandboxConfig, name: str,

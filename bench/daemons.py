@@ -150,8 +150,9 @@ class RuntimeUnderTest:
 
 
 def crivm_runtime(base: Path, registries_conf: Path, cni_conf_dir: Path,
-                  log_level: str = "info") -> RuntimeUnderTest:
-    """crivm serving on base/crivm.sock with root, runroot and config under ``base``."""
+                  log_level: str = "info", extra_toml: str = "") -> RuntimeUnderTest:
+    """crivm serving on base/crivm.sock with root, runroot and config under ``base``;
+    ``extra_toml`` is appended (more ``[runtimes.<name>]`` tables)."""
     base.mkdir(parents=True)
     socket = base / "crivm.sock"
     config = base / "crivm.toml"
@@ -169,6 +170,7 @@ def crivm_runtime(base: Path, registries_conf: Path, cni_conf_dir: Path,
         "\n[runtimes.runc]\n"
         'runtime_type = "oci"\n'
         f"runtime_path = {_toml(RUNC)}\n"
+        + extra_toml
     )
     argv = [sys.executable, "-m", "crivm", "serve", "--config", str(config)]
     return RuntimeUnderTest("crivm", base, socket, argv, base / "crivm.log")

@@ -1,0 +1,239 @@
+"""VM pods through the CRI, beside the bare-QEMU floors measured in the same run.
+
+    sudo python3 -m bench.vm_pods [--runs 3]
+
+For each run, alternating so that host load drifts over all of them alike:
+- a VM pod through crivm: RunPodSandbox (handler "vm") until it returns, and until its first
+  container (a busybox sleeper) runs: RunPodSandbox + CreateContainer + StartContainer;
+- the kernel-boot floor (bench.vm_boot's): the same QEMU, kernel, accelerator, machine, guest
+  memory and devices booting a busybox-only initramfs, until its init prints a line;
+- host memory: PSS of every process of the idle VM pod (QEMU, virtiofsd, supervisor, shim,
+  conmon) beside the idle floor: the same VM whose busybox init then sleeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import stat
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.cleanup import sweep
+from bench.cri_bench import RESULTS_DIR
+from bench.cri_client import SLEEPER_COMMAND, TimedCri
+from bench.daemons import BENCH_BRIDGE, PAUSE_IMAGE, RuntimeUnderTest, crivm_runtime, write_conflist
+from bench.memory import process_memory, processes_mentioning
+from bench.vm_boot import QEMU, Samples, _start_share, floor_initrd, run_floor, vm_config
+from bench.workloads import SMALL_IMAGE
+from crivm.guestimage import cpio, elf
+from crivm.guestimage.build import DEFAULT_CACHE_DIR, DEFAULT_OUT_DIR, BuildResult, build
+from crivm.hypervisor.qemu.cmdline import AccelKind, MachineType
+from crivm.hypervisor.qemu.vm import QemuVm
+from tests.fixtures import image_recipes
+from tests.fixtures.images import push
+from tests.fixtures.registries_conf import mirror_conf
+from tests.fixtures.registry import _start_registry, _stop
+
+log = logging.getLogger("bench.vm_pods")
+
+MACHINE: MachineType = "q35"
+ACCEL: AccelKind = "tcg"  # KVM guests do not boot on this kind of host (see DESIGN.md)
+GUEST_MEMORY_MB = 256  # bench.vm_boot's floor size; crivm gets 128 + 128 overhead
+# An idle TCG guest's memory keeps growing for a while after boot; read it this long after.
+MEMORY_SETTLE_S = 15.0
+IDLE_MARKER = "crivm-floor: idle"
+IDLE_INIT = f"#!/bin/busybox sh\n/bin/busybox echo {IDLE_MARKER}\nexec /bin/busybox sleep 100000\n"
+TIMEOUT_S = 240.0
+
+VM_HANDLER_TOML = f"""
+[runtimes.vm]
+runtime_type = "vm"
+kernel = "{{kernel}}"
+initrd = "{{initrd}}"
+machine = "{MACHINE}"
+accel = "{ACCEL}"
+default_memory_mb = {GUEST_MEMORY_MB - 128}
+memory_overhead_mb = 128
+tcg_tb_size_mb = 64
+boot_timeout_s = {TIMEOUT_S}
+"""
+
+
+def idle_initrd(dest: Path, busybox: Path) -> None:
+    """Like bench.vm_boot's floor initramfs, but its init sleeps instead of powering off."""
+    if elf.needed_libraries(busybox):
+        raise SystemExit(f"{busybox} is not static; install busybox-static")
+    entries = [
+        cpio.Entry("bin", stat.S_IFDIR | 0o755),
+        cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, data=busybox.read_bytes()),
+        cpio.Entry("dev", stat.S_IFDIR | 0o755),
+        cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1),
+        cpio.Entry("init", stat.S_IFREG | 0o755, data=IDLE_INIT.encode()),
+    ]
+    out = io.BytesIO()
+    cpio.write_archive(out, entries)
+    dest.write_bytes(out.getvalue())
+
+
+def pss_by_process(pids: list[int]) -> dict[str, dict[str, int]]:
+    """{comm: {"count", "pss_kib", "rss_kib"}} over ``pids``."""
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "pss_kib": 0,
+                                                             "rss_kib": 0})
+    for pid in pids:
+        memory = process_memory(pid)
+        if memory is None:
+            continue
+        group = groups[memory.name]
+        group["count"] += 1
+        group["pss_kib"] += memory.pss_kib
+        group["rss_kib"] += memory.rss_kib
+    return dict(groups)
+
+
+async def idle_floor_memory(work: Path, name: str, kernel: Path,
+                            initrd: Path) -> dict[str, dict[str, int]]:
+    fs = await _start_share(work, name)
+    config = vm_config(work, name, MACHINE, ACCEL, kernel, initrd, fs.socket_path)
+    vm = await QemuVm.launch(QEMU, config, work / f"{name}-qemu.err")
+    try:
+        await vm.wait_for_console(IDLE_MARKER, TIMEOUT_S)
+        await asyncio.sleep(MEMORY_SETTLE_S)
+        return pss_by_process([vm.pid, *processes_mentioning(str(fs.socket_path))])
+    finally:
+        await vm.kill()
+        await fs.stop()
+
+
+def vm_pod_run(cri: TimedCri, runroot: Path, index: int) -> dict[str, dict[str, int]]:
+    """One VM pod up to a running container; its memory when idle; then removed."""
+    config = cri.pod_config(f"vm-{index}")
+    started = time.perf_counter()
+    pod_id = cri.run_pod(config, "VM RunPodSandbox", handler="vm")
+    ctr = cri.create(pod_id, config, "sleeper", SMALL_IMAGE, SLEEPER_COMMAND,
+                     "VM CreateContainer")
+    cri.start(ctr, "VM StartContainer")
+    cri.samples["VM RunPodSandbox until the first container runs"].append(
+        time.perf_counter() - started)
+    time.sleep(MEMORY_SETTLE_S)
+    memory = pss_by_process([pid for pid in processes_mentioning(str(runroot))
+                             if pid != os.getpid()])
+    cri.stop_pod(pod_id)
+    cri.remove_pod(pod_id)
+    return memory
+
+
+def _total_mib(groups: dict[str, dict[str, int]]) -> float:
+    return sum(g["pss_kib"] for g in groups.values()) / 1024
+
+
+def render(payload: dict[str, Any]) -> str:
+    floor = payload["floor_boot_s"]
+    lines = [
+        f"- runs: {payload['runs']}, machine {MACHINE}, accel {ACCEL}, guest {GUEST_MEMORY_MB} "
+        f"MiB, kernel {payload['kernel']}; load average (1 min) {payload['load'][0]:.1f} / "
+        f"{payload['load'][1]:.1f}",
+        "",
+        "| what | median s | min-max s |",
+        "| --- | ---: | ---: |",
+        f"| floor: QEMU start until the busybox init runs | {statistics.median(floor):.2f} "
+        f"| {min(floor):.2f}-{max(floor):.2f} |",
+    ]
+    for op, values in payload["samples"].items():
+        lines.append(f"| {op} | {statistics.median(values):.2f} "
+                     f"| {min(values):.2f}-{max(values):.2f} |")
+    ready = statistics.median(payload["samples"]["VM RunPodSandbox until the first container runs"])
+    lines += ["", f"Pod start / floor: {ready / statistics.median(floor):.2f}", "",
+              "| host memory (PSS MiB, median run) | VM pod | idle floor |",
+              "| --- | ---: | ---: |"]
+    pod, bare = payload["pod_memory"], payload["floor_memory"]
+    names = sorted({name for run in pod + bare for name in run})
+    for name in names:
+        cells = [statistics.median([run.get(name, {}).get("pss_kib", 0) / 1024 for run in side])
+                 for side in (pod, bare)]
+        lines.append(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    lines.append(f"| **total** | {statistics.median([_total_mib(r) for r in pod]):.1f} "
+                 f"| {statistics.median([_total_mib(r) for r in bare]):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    image: BuildResult = asyncio.run(build(DEFAULT_OUT_DIR, DEFAULT_CACHE_DIR))
+    work = Path(tempfile.mkdtemp(prefix="crivm-vmbench-", dir="/tmp"))
+    (work / "registry").mkdir()
+    registry, registry_process = _start_registry(work / "registry", auth=False)
+    crivm: RuntimeUnderTest | None = None
+    payload: dict[str, Any] = {"runs": args.runs, "kernel": image.kernel_version}
+    floor_samples = Samples()
+    pod_memory: list[dict[str, dict[str, int]]] = []
+    floor_memory: list[dict[str, dict[str, int]]] = []
+    try:
+        (work / "pause-build").mkdir()
+        binary = image_recipes.compile_pause(work / "pause-build")
+        push(registry, "pause", ("3.9",), image_recipes.pause_image(binary))
+        push(registry, "library/busybox", ("latest",), image_recipes.busybox_image())
+        registries_conf = work / "registries.conf"
+        registries_conf.write_text(mirror_conf(registry.host))
+        write_conflist(work / "cni", work / "ipam")
+        floor_boot, floor_idle = work / "floor.cpio", work / "idle.cpio"
+        floor_initrd(floor_boot, image_recipes.BUSYBOX_BINARY)
+        idle_initrd(floor_idle, image_recipes.BUSYBOX_BINARY)
+        extra = VM_HANDLER_TOML.format(kernel=image.kernel, initrd=image.initrd)
+        crivm = crivm_runtime(work / "crivm", registries_conf, work / "cni", extra_toml=extra)
+        crivm.start()
+        assert crivm.channel is not None
+        cri = TimedCri(crivm.channel, str(work / "pod-logs"))
+        cri.pull(PAUSE_IMAGE)
+        cri.pull(SMALL_IMAGE)
+        payload["load"] = [os.getloadavg()[0]]
+        for index in range(args.runs):
+            asyncio.run(run_floor(work, f"floor{index}", MACHINE, ACCEL, image.kernel,
+                                  floor_boot, floor_samples))
+            pod_memory.append(vm_pod_run(cri, work / "crivm" / "run", index))
+            floor_memory.append(asyncio.run(idle_floor_memory(work, f"idle{index}",
+                                                              image.kernel, floor_idle)))
+            log.info("run %d/%d done", index + 1, args.runs)
+        payload["load"].append(os.getloadavg()[0])
+        payload["floor_boot_s"] = floor_samples.floor_init
+        payload["samples"] = dict(cri.samples)
+        payload["pod_memory"] = pod_memory
+        payload["floor_memory"] = floor_memory
+    finally:
+        if crivm is not None:
+            if crivm.channel is not None:
+                try:
+                    TimedCri(crivm.channel, "").remove_all_pods()
+                except Exception:  # noqa: BLE001 - the sweep below reports what is left
+                    log.exception("removing the VM pods failed")
+            crivm.stop()
+        _stop(registry_process)
+        payload["leaks"] = sweep(work, BENCH_BRIDGE)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    payload = run(args)
+    markdown = render(payload)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report.write_json(args.out / f"vm-{stamp}.json", payload)
+    (args.out / f"vm-{stamp}.md").write_text(markdown)
+    print(markdown)
+    return 1 if payload["leaks"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
