@@ -25,6 +25,7 @@ from crivm.hypervisor.qemu.cmdline import (
 )
 from crivm.hypervisor.qemu.owner import die_with_owner
 from crivm.hypervisor.qemu.virtiofsd import virtiofsd_argv
+from crivm.hypervisor.qemu.vm import with_host_facts
 
 
 def _config(**overrides: object) -> VmConfig:
@@ -230,3 +231,14 @@ def test_host_tsc_khz(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\n")
     assert accel.host_tsc_khz(cpuinfo) == 0
     assert accel.host_tsc_khz(tmp_path / "absent") == 0
+
+
+def test_launch_fills_in_the_tsc_rate_for_microvm_under_tcg() -> None:
+    if accel.host_tsc_khz() == 0:
+        pytest.skip("/proc/cpuinfo reports no cpu MHz here")
+    filled = with_host_facts(_config(machine=Machine("microvm", "tcg")))
+    assert filled.machine.tsc_khz == accel.host_tsc_khz()
+    explicit = _config(machine=Machine("microvm", "tcg", tsc_khz=1234))
+    assert with_host_facts(explicit) == explicit
+    for machine in (Machine("q35", "tcg"), Machine("microvm", "kvm")):
+        assert with_host_facts(_config(machine=machine)).machine.tsc_khz == 0

@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from crivm.errors import DeadlineExceeded, Unavailable
+from crivm.hypervisor.qemu.accel import host_tsc_khz
 from crivm.hypervisor.qemu.cmdline import VmConfig, build_argv
 from crivm.hypervisor.qemu.owner import die_with_owner, open_log
 from crivm.hypervisor.qemu.qmp import QmpControl
 
 log = logging.getLogger(__name__)
+
+
+def with_host_facts(config: VmConfig) -> VmConfig:
+    """Fill in what the pure command line cannot know: a microvm under TCG needs the host's TSC
+    rate, or its kernel may hang calibrating against nothing (see ``kernel_cmdline``)."""
+    machine = config.machine
+    if machine.type == "microvm" and machine.accel == "tcg" and not machine.tsc_khz:
+        tsc_khz = host_tsc_khz()
+        if tsc_khz:
+            return dataclasses.replace(config, machine=dataclasses.replace(machine,
+                                                                           tsc_khz=tsc_khz))
+    return config
 
 
 class QemuVm:
@@ -43,6 +57,7 @@ class QemuVm:
                      tie_to_owner: bool = True, pass_fds: Sequence[int] = (),
                      startup_timeout_s: float = 10.0) -> QemuVm:
         """Start QEMU and return once its QMP socket answers."""
+        config = with_host_facts(config)
         for stale in (config.qmp.socket_path, getattr(config.agent, "socket_path", None)):
             if stale:
                 Path(stale).unlink(missing_ok=True)
