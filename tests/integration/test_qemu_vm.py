@@ -174,7 +174,7 @@ async def test_vm_dies_with_its_owner(vm_factory: VmFactory) -> None:
                 break
             await asyncio.sleep(0.05)
         assert not _alive(qemu_pid), "qemu outlived its owner"
-        assert not processes_mentioning(str(vm_factory.directory))
+        assert not processes_mentioning(f"{vm_factory.directory}/")
     finally:
         if owner.returncode is None:
             with contextlib.suppress(ProcessLookupError):
