@@ -28,8 +28,8 @@ def virtiofsd_argv(virtiofsd_path: str, source_dir: str, socket_path: str,
     return [
         virtiofsd_path, f"--socket-path={socket_path}",
         "-o", f"source={source_dir}", "-o", f"cache={cache}", "-o", "sandbox=namespace",
-        # The guest's containers run as root and own their files.
-        "-o", "allow_root",
+        # No "allow_root": in libfuse terms it refuses every request whose guest uid is not
+        # 0, so a container process running as a non-root user (nginx's worker) got EACCES.
     ]
 
 
