@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
+from crivm.netbridge.cni import CniNetwork, PodNetwork
+from crivm.netbridge.netns import call_in_netns
 from crivm.proto import api_pb2
-from tests.fixtures.images import PushedImage
+from tests.fixtures.images import NGINX_INDEX_HTML, PushedImage
+from tests.fixtures.netns import NetnsFactory
 from tests.fixtures.vm_daemon import VmCrivmDaemon
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.runc, pytest.mark.registry,
               pytest.mark.timeout(900)]
 
 BUSYBOX = "docker.io/library/busybox:latest"
+NGINX = "docker.io/library/nginx:latest"
 
 
 def test_vm_pod_boots_and_goes(vm_daemon: VmCrivmDaemon, busybox_image: PushedImage) -> None:
@@ -28,3 +36,121 @@ def test_vm_pod_boots_and_goes(vm_daemon: VmCrivmDaemon, busybox_image: PushedIm
     cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert cri.pod_status(pod_id).status.state == api_pb2.SANDBOX_NOTREADY
     cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def busybox(name: str, script: str, **kwargs: object) -> api_pb2.ContainerConfig:
+    return api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name=name),
+        image=api_pb2.ImageSpec(image=BUSYBOX),
+        command=["/bin/sh", "-c", script],
+        log_path=f"{name}.log",
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def read_log(pod_config: api_pb2.PodSandboxConfig, name: str) -> list[tuple[str, str]]:
+    entries = []
+    with open(os.path.join(pod_config.log_directory, f"{name}.log")) as fh:
+        for line in fh:
+            _, stream, _, text = line.rstrip("\n").split(" ", 3)
+            entries.append((stream, text))
+    return entries
+
+
+def test_vm_busybox_logs_exec_exit_codes(vm_daemon: VmCrivmDaemon,
+                                         busybox_image: PushedImage) -> None:
+    cri = vm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = vm_daemon.pod_config("vmbusy")
+    pod_id = cri.run_pod(pod_config, handler="vm")
+
+    ctr_id = cri.create(pod_id, busybox("hello", "echo hello; echo oops >&2; hostname; "
+                                                 "uname -r; exit 3"), pod_config)
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_CREATED
+    cri.start(ctr_id)
+    exited = cri.wait_exited(ctr_id, timeout_s=120)
+    assert exited.exit_code == 3
+    assert exited.reason == "Error"
+    lines = read_log(pod_config, "hello")
+    assert ("stderr", "oops") in lines and ("stdout", "hello") in lines
+    assert ("stdout", "vmbusy") in lines
+    # The guest's kernel, not the host's: the process ran in the VM.
+    assert ("stdout", os.uname().release) not in lines
+
+    sleeper = cri.create(pod_id, busybox("sleeper", "trap '' TERM; while true; do sleep 1; done"),
+                         pod_config)
+    cri.start(sleeper)
+    assert cri.status(sleeper).status.state == api_pb2.CONTAINER_RUNNING
+    reply = cri.exec_sync(sleeper, ["/bin/sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (reply.stdout, reply.stderr, reply.exit_code) == (b"out\n", b"err\n", 7)
+    assert cri.exec_sync(sleeper, ["cat", "/etc/hostname"]).stdout == b"vmbusy\n"
+
+    started = time.monotonic()
+    cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=sleeper, timeout=2),
+                              timeout=120)
+    stopped = cri.status(sleeper).status
+    assert stopped.state == api_pb2.CONTAINER_EXITED
+    assert stopped.exit_code == 137
+    assert time.monotonic() - started < 60
+    for ctr in (ctr_id, sleeper):
+        cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=ctr))
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, attempts: int = 150) -> bytes:
+    """GET with retries while nginx starts in the VM (slow under TCG)."""
+    error: Exception | None = None
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=3) as reply:  # noqa: S310 - test URL
+                return bytes(reply.read())
+        except OSError as exc:
+            error = exc
+            time.sleep(0.5)
+    assert error is not None
+    raise error
+
+
+async def test_vm_nginx_on_pod_ip_and_host_port(
+    vm_daemon: VmCrivmDaemon, nginx_image: PushedImage, netns_factory: NetnsFactory,
+    tmp_path: Path,
+) -> None:
+    cri = vm_daemon.cri
+    cri.pull(NGINX)
+    host_port = free_port()
+    pod_config = vm_daemon.pod_config(
+        "vmweb", port_mappings=[api_pb2.PortMapping(container_port=80, host_port=host_port)],
+    )
+    pod_id = cri.run_pod(pod_config, handler="vm")
+    ctr_id = cri.create(pod_id, api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="nginx"),
+        image=api_pb2.ImageSpec(image=NGINX),
+        log_path="nginx.log",
+    ), pod_config)
+    cri.start(ctr_id)
+    pod_ip = cri.pod_status(pod_id).status.network.ip
+
+    # From a client namespace of the test's own, attached to the same CNI network: the
+    # frames go through the pod's veth and the tap into the guest.
+    client_ns = await netns_factory.create("vmclient")
+    client_net = CniNetwork(str(vm_daemon.cni_conf_dir), ["/usr/lib/cni"],
+                            str(tmp_path / "client-cni"))
+    client = PodNetwork(pod_id="client-" + os.urandom(4).hex(), netns=client_ns.path)
+    await client_net.add(client)
+    try:
+        body = await call_in_netns(client_ns.path, http_get, f"http://{pod_ip}:80/")
+    finally:
+        await client_net.delete(client)
+    assert body == NGINX_INDEX_HTML
+    # Through portmap's DNAT on the host.
+    assert http_get(f"http://127.0.0.1:{host_port}/") == NGINX_INDEX_HTML
+    # The guest answered: its interface carries the pod's IP.
+    reply = cri.exec_sync(ctr_id, ["cat", "/proc/net/fib_trie"])
+    assert pod_ip.encode() in reply.stdout
