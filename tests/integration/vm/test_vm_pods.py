@@ -154,3 +154,51 @@ async def test_vm_nginx_on_pod_ip_and_host_port(
     # The guest answered: its interface carries the pod's IP.
     reply = cri.exec_sync(ctr_id, ["cat", "/proc/net/fib_trie"])
     assert pod_ip.encode() in reply.stdout
+
+
+def test_runc_and_vm_pods_side_by_side_and_trust_annotations(
+    vm_daemon: VmCrivmDaemon, busybox_image: PushedImage, tmp_path: Path,
+) -> None:
+    """No handler + no annotation -> runc; either untrusted annotation -> the vm handler.
+    The VM pod's container also gets a read-only and a writable host volume."""
+    cri = vm_daemon.cri
+    cri.pull(BUSYBOX)
+    host_kernel = os.uname().release
+    trusted = vm_daemon.pod_config("trusted")
+    cri_o = vm_daemon.pod_config(
+        "crio", annotations={"io.kubernetes.cri-o.TrustedSandbox": "false"})
+    containerd = vm_daemon.pod_config(
+        "containerd", annotations={"io.kubernetes.cri.untrusted-workload": "true"})
+    pods = {name: (config, cri.run_pod(config))
+            for name, config in (("trusted", trusted), ("crio", cri_o),
+                                 ("containerd", containerd))}
+    handlers = {name: cri.pod_status(pod_id).status.runtime_handler
+                for name, (_, pod_id) in pods.items()}
+    assert handlers == {"trusted": "runc", "crio": "vm", "containerd": "vm"}
+
+    shared_in = tmp_path / "in"
+    shared_in.mkdir()
+    (shared_in / "greeting").write_text("from the host\n")
+    shared_out = tmp_path / "out"
+    shared_out.mkdir()
+    kernels = {}
+    for name, (config, pod_id) in pods.items():
+        mounts = []
+        if name == "crio":
+            mounts = [
+                api_pb2.Mount(container_path="/in", host_path=str(shared_in), readonly=True),
+                api_pb2.Mount(container_path="/out", host_path=str(shared_out)),
+            ]
+        ctr = cri.create(pod_id, busybox("main", "while true; do sleep 1; done",
+                                         mounts=mounts), config)
+        cri.start(ctr)
+        kernels[name] = cri.exec_sync(ctr, ["uname", "-r"]).stdout.decode().strip()
+        if name == "crio":
+            assert cri.exec_sync(ctr, ["cat", "/in/greeting"]).stdout == b"from the host\n"
+            assert cri.exec_sync(ctr, ["touch", "/in/nope"]).exit_code != 0
+            reply = cri.exec_sync(ctr, ["sh", "-c", "echo from the guest > /out/reply"])
+            assert reply.exit_code == 0
+            assert (shared_out / "reply").read_text() == "from the guest\n"
+    assert kernels["trusted"] == host_kernel
+    assert kernels["crio"] != host_kernel and kernels["containerd"] != host_kernel
+    # The fixture's teardown removes the pods through the CRI and runs the leak check.
