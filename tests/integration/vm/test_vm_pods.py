@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -202,3 +204,44 @@ def test_runc_and_vm_pods_side_by_side_and_trust_annotations(
     assert kernels["trusted"] == host_kernel
     assert kernels["crio"] != host_kernel and kernels["containerd"] != host_kernel
     # The fixture's teardown removes the pods through the CRI and runs the leak check.
+
+
+def test_vm_pod_survives_daemon_restart(vm_daemon: VmCrivmDaemon,
+                                        busybox_image: PushedImage) -> None:
+    cri = vm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = vm_daemon.pod_config("vmrestart")
+    pod_id = cri.run_pod(pod_config, handler="vm")
+    ticker = cri.create(pod_id, busybox("ticker", "i=0; while true; do echo tick $i; "
+                                                  "i=$((i+1)); sleep 1; done"), pod_config)
+    cri.start(ticker)
+    quitter = cri.create(pod_id, busybox("quitter", "while true; do sleep 1; done",
+                                         stdin=True), pod_config)
+    cri.start(quitter)
+    supervisor = next((vm_daemon.runroot / "vm").glob("*/supervisor.pid")).read_text().strip()
+
+    vm_daemon.stop()
+    # With the daemon down the VM, its supervisor and the shims keep running; a container
+    # that exits meanwhile is reported as exited afterwards (conmon records it).
+    assert os.path.exists(f"/proc/{supervisor}")
+    shim_cli = [str(vm_daemon.runroot / "vm" / "bin" / "crivm-shim"),
+                "--root", str(vm_daemon.runroot / "vm-shim" / "vm")]
+    subprocess.run([*shim_cli, "kill", quitter, "KILL"], check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while json.loads(subprocess.run([*shim_cli, "state", quitter], check=True, timeout=60,
+                                    capture_output=True).stdout)["status"] != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    vm_daemon.start()
+    cri = vm_daemon.cri
+    assert cri.pod_status(pod_id).status.state == api_pb2.SANDBOX_READY
+    assert cri.status(ticker).status.state == api_pb2.CONTAINER_RUNNING
+    assert cri.exec_sync(ticker, ["echo", "still here"]).stdout == b"still here\n"
+    count = len(read_log(pod_config, "ticker"))
+    time.sleep(3)
+    assert len(read_log(pod_config, "ticker")) > count
+    exited = cri.status(quitter).status
+    assert (exited.state, exited.exit_code) == (api_pb2.CONTAINER_EXITED, 137)
+    cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=ticker, timeout=5),
+                              timeout=120)
+    assert cri.status(ticker).status.state == api_pb2.CONTAINER_EXITED
