@@ -35,9 +35,15 @@ class RuntimeState:
 
 
 class OciRuntime:
-    def __init__(self, runtime_path: str, state_root: str) -> None:
+    def __init__(
+        self, runtime_path: str, state_root: str, console_socket_in_foreground: bool = False
+    ) -> None:
         self.runtime_path = runtime_path
         self.state_root = state_root
+        # How a foreground ``exec`` with a terminal hands over the terminal: runc refuses
+        # --console-socket unless it detaches and uses its own stdio instead; crivm-shim
+        # sends the master over --console-socket either way.
+        self.console_socket_in_foreground = console_socket_in_foreground
 
     @property
     def global_args(self) -> list[str]:

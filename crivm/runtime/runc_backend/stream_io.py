@@ -1,14 +1,27 @@
 """Streaming exec and attach for runc containers (behind kubectl exec / attach).
 
-Exec runs ``runc exec`` in the foreground. Without a tty the process gets our pipes. With a
-tty, runc makes the terminal inside the container and passes its master side back over a
-``--console-socket`` (SCM_RIGHTS); we pump that and resize it. runc cannot forward SIGKILL
-to the exec'd process, so a session that ends early kills it by the pid runc wrote.
+Exec runs ``runc exec`` in the foreground, so its exit status is the process's. Without a tty
+the process gets our pipes. With a tty, runc makes the terminal inside the container; how its
+other end reaches us depends on the runtime:
+
+- runc refuses ``--console-socket`` unless it detaches, and a detached exec's exit code is
+  lost. So runc gets a pty of ours as its stdio: it copies between that and the container's
+  terminal, sizes the container's terminal from ours at start, and again on SIGWINCH.
+- crivm-shim (``OciRuntime.console_socket_in_foreground``) sends a terminal master over
+  ``--console-socket`` (SCM_RIGHTS) in the foreground too; we pump and resize that.
+
+runc cannot forward SIGKILL to the exec'd process, so a session that ends early kills it by the
+pid runc wrote.
 
 Attach talks to conmon's attach socket (SOCK_SEQPACKET): each message from conmon starts with
 one byte naming the stream (2 stdout, 3 stderr); what we send is the container's stdin, and
 shutting down our write side closes it. Terminal resizes go to conmon's ``ctl`` fifo as
 ``1 <height> <width>``.
+
+Unix socket paths must fit in ``sun_path`` (108 bytes), and a bundle under a deep runroot with
+a 64-character container id does not leave room. conmon binds the attach socket through
+``/proc/self/fd/<dir fd>/attach``; we connect the same way. The console socket lives in a
+short private temp dir, as runc and the shim connect to it by the path we give them.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 from crivm.errors import CrivmError, FailedPrecondition, Unavailable
@@ -74,21 +88,22 @@ async def exec_stream(
     token = secrets.token_hex(8)
     process_path = os.path.join(layout.bundle, f"exec-{token}.json")
     pidfile = os.path.join(layout.bundle, f"exec-{token}.pid")
-    console_path = os.path.join(layout.bundle, f"exec-{token}.sock")
     Path(process_path).write_text(json.dumps(process))
     argv = env.runtime.exec_argv(layout.container_id, process_path, pidfile)
     finished = False
     try:
-        if stdio.tty:
-            code = await _exec_on_terminal(argv, console_path, stdio, first_size)
-        else:
+        if not stdio.tty:
             code = await _exec_piped(argv, stdio)
+        elif env.runtime.console_socket_in_foreground:
+            code = await _exec_on_console_socket(argv, stdio, first_size)
+        else:
+            code = await _exec_on_our_terminal(argv, stdio, first_size)
         finished = True
         return code
     finally:
         if not finished:
             _kill_exec(pidfile)
-        for path in (process_path, pidfile, console_path):
+        for path in (process_path, pidfile):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -105,26 +120,64 @@ async def _exec_piped(argv: list[str], stdio: Stdio) -> int:
     return await process_io.run_piped(start, stdio.stdin, stdio.stdout, stdio.stderr)
 
 
-async def _exec_on_terminal(
-    argv: list[str], console_path: str, stdio: Stdio, first_size: TerminalSize | None
+async def _exec_on_our_terminal(
+    argv: list[str], stdio: Stdio, first_size: TerminalSize | None
 ) -> int:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """runc exec with a pty of ours as its stdin, stdout and stderr (runc's own errors show
+    on the terminal, as in an interactive ``runc exec -t``)."""
+    master, slave = os.openpty()
     try:
-        listener.bind(console_path)
-        listener.listen(1)
-        listener.setblocking(False)
+        if first_size is not None:
+            process_io.set_terminal_size(master, first_size.width, first_size.height)
         proc = await asyncio.create_subprocess_exec(
-            *argv[:-1], "--console-socket", console_path, argv[-1],
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            *argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
         )
-        try:
-            master = await _receive_console(listener, proc)
-        except BaseException:
-            await process_io.kill_and_reap(proc, process_group=True)
-            raise
+    except OSError as exc:
+        os.close(master)
+        raise CrivmError(f"cannot run {argv[0]} exec: {exc.strerror}") from exc
     finally:
-        listener.close()
+        # runc holds the slave now; the master reads EOF (EIO) once runc exits.
+        os.close(slave)
+
+    async def started() -> asyncio.subprocess.Process:
+        return proc
+
+    # The slave is not runc's controlling terminal, so the kernel does not tell runc about
+    # a new size; runc resizes the container's terminal from ours on SIGWINCH.
+    def resized() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGWINCH)
+
+    return await process_io.run_on_terminal(
+        started(), master, stdio.stdin, stdio.stdout, stdio.resize, on_resize=resized
+    )
+
+
+async def _exec_on_console_socket(
+    argv: list[str], stdio: Stdio, first_size: TerminalSize | None
+) -> int:
+    with tempfile.TemporaryDirectory(prefix="crivm-console-") as short_dir:
+        console_path = os.path.join(short_dir, "console.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                listener.bind(console_path)
+            except OSError as exc:
+                raise CrivmError(f"cannot make a console socket: {exc}") from exc
+            listener.listen(1)
+            listener.setblocking(False)
+            proc = await asyncio.create_subprocess_exec(
+                *argv[:-1], "--console-socket", console_path, argv[-1],
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
+            try:
+                master = await _receive_console(listener, proc)
+            except BaseException:
+                await process_io.kill_and_reap(proc, process_group=True)
+                raise
+        finally:
+            listener.close()
     if first_size is not None:
         with contextlib.suppress(OSError):
             process_io.set_terminal_size(master, first_size.width, first_size.height)
@@ -150,7 +203,7 @@ async def _receive_console(listener: socket.socket, proc: asyncio.subprocess.Pro
             if proc.stderr is not None and exited in done:
                 stderr = await proc.stderr.read()
             raise CrivmError(
-                "runc exec did not hand over a terminal: "
+                "the runtime's exec did not hand over a terminal: "
                 + (stderr.decode(errors="replace").strip() or "timed out")
             )
         conn, _ = accept.result()
@@ -161,7 +214,7 @@ async def _receive_console(listener: socket.socket, proc: asyncio.subprocess.Pro
         conn.settimeout(_CONSOLE_TIMEOUT_S)
         _, fds, _, _ = await asyncio.to_thread(socket.recv_fds, conn, 4096, 1)
     if not fds:
-        raise CrivmError("runc exec sent no terminal over the console socket")
+        raise CrivmError("the runtime's exec sent no terminal over the console socket")
     for extra in fds[1:]:
         os.close(extra)
     return fds[0]
@@ -174,16 +227,7 @@ async def attach_stream(layout: conmon.ContainerLayout, stdio: Stdio, has_tty: b
     # The container's own terminal setting decides how its output arrives, whatever the
     # client asked for (as in CRI-O).
     stdio.tty = has_tty
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.sock_connect(sock, layout.attach_socket)
-    except OSError as exc:
-        sock.close()
-        raise Unavailable(
-            f"cannot attach to container {layout.container_id}: {exc.strerror}"
-        ) from exc
+    sock = await _connect_attach_socket(layout)
     tasks: list[asyncio.Task[None]] = []
     try:
         if stdio.stdin is not None and has_stdin:
@@ -196,6 +240,28 @@ async def attach_stream(layout: conmon.ContainerLayout, stdio: Stdio, has_tty: b
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         sock.close()
+
+
+async def _connect_attach_socket(layout: conmon.ContainerLayout) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    bundle_fd = -1
+    try:
+        # The full path can be longer than sun_path; the bundle's fd path is always short.
+        bundle_fd = os.open(layout.bundle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        short_path = f"/proc/self/fd/{bundle_fd}/{os.path.basename(layout.attach_socket)}"
+        await loop.sock_connect(sock, short_path)
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(
+            f"cannot attach to container {layout.container_id}: "
+            f"{exc.strerror or exc} ({layout.attach_socket})"
+        ) from exc
+    finally:
+        if bundle_fd >= 0:
+            os.close(bundle_fd)
+    return sock
 
 
 async def _attach_output(sock: socket.socket, stdio: Stdio) -> None:

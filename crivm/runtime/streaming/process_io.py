@@ -15,7 +15,7 @@ import os
 import signal
 import struct
 import termios
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from crivm.runtime.streaming.backend import ByteSink, ByteSource, ResizeQueue, StreamClosed
 
@@ -172,10 +172,14 @@ async def _terminal_input(master: int, source: ByteSource) -> None:
     await write_fd(master, _EOT)
 
 
-async def _terminal_resizes(master: int, resize: ResizeQueue) -> None:
+async def _terminal_resizes(
+    master: int, resize: ResizeQueue, on_resize: Callable[[], None] | None
+) -> None:
     while (size := await resize.get()) is not None:
         with contextlib.suppress(OSError):
             set_terminal_size(master, size.width, size.height)
+            if on_resize is not None:
+                on_resize()
 
 
 async def first_terminal_size(master: int, resize: ResizeQueue | None) -> None:
@@ -197,8 +201,10 @@ async def run_on_terminal(
     stdout: ByteSink | None,
     resize: ResizeQueue | None,
     process_group: bool = True,
+    on_resize: Callable[[], None] | None = None,
 ) -> int:
-    """Pump a process whose terminal's master side is ``master`` (owned and closed here)."""
+    """Pump a process whose terminal's master side is ``master`` (owned and closed here).
+    ``on_resize`` runs after each resize, for a process that must be told about it."""
     os.set_blocking(master, False)
     tasks: list[asyncio.Task[None]] = []
     proc: asyncio.subprocess.Process | None = None
@@ -209,7 +215,7 @@ async def run_on_terminal(
         if stdin is not None:
             tasks.append(asyncio.create_task(_terminal_input(master, stdin)))
         if resize is not None:
-            tasks.append(asyncio.create_task(_terminal_resizes(master, resize)))
+            tasks.append(asyncio.create_task(_terminal_resizes(master, resize, on_resize)))
         returncode = await proc.wait()
         await _finish([output], _DRAIN_AFTER_EXIT_S)
         return exit_status(returncode)

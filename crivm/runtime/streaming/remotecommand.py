@@ -182,6 +182,12 @@ async def serve(backend: StreamBackend, spec: RemoteSpec, channels: Channels) ->
         log.warning("%s in container %s failed: %s", type(spec).__name__, spec.container_id,
                     exc, extra={"container_id": spec.container_id})
         outcome = Outcome(error=str(exc))
+    except Exception as exc:  # noqa: BLE001
+        # A bug, not a runtime failure. The session task's caller drops exceptions, so
+        # without this the client saw a clean, empty session and the log said nothing.
+        log.exception("%s in container %s crashed", type(spec).__name__, spec.container_id,
+                      extra={"container_id": spec.container_id})
+        outcome = Outcome(error=f"internal error: {exc!r}")
     for sink in (stdio.stdout, stdio.stderr):
         if sink is not None:
             await _quietly_close(sink)

@@ -97,7 +97,8 @@ class VmBackend:
         self._oci = RuncEnvironment(
             handler=self.name,
             conmon_path=self.config.conmon_path,
-            runtime=OciRuntime(shim, os.path.join(runroot, "vm-shim", self.name)),
+            runtime=OciRuntime(shim, os.path.join(runroot, "vm-shim", self.name),
+                               console_socket_in_foreground=True),
             runroot=runroot,
             root=self.config.root,
             host=probe_host(),
