@@ -88,9 +88,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ArgumentError("exec needs --process or a command")
     if args.verb == "kill":
         args.signal = parse_signal(args.signal)
-    if getattr(args, "console_socket", "") and args.verb == "exec" and not args.tty:
-        # runc takes the console socket only with a terminal; conmon passes both.
-        raise ArgumentError("--console-socket needs --tty")
     return args
 
 

@@ -230,14 +230,35 @@ def cmd_exec(args: Namespace) -> int:
         async with AgentClient(found.agent_socket) as agent:
             await agent.exec_process(found.id, exec_id, process)
 
-    terminal = _terminal_for(args.console_socket, process.terminal) if args.detach else None
     asyncio.run(start())
+    terminal = _terminal_for(args.console_socket, process.terminal)
     target = ShimTarget(found.agent_socket, found.id, exec_id, process.terminal, process.stdin)
+    shim = _start_shim(target, terminal)
+    _write_pidfile(args.pid_file, shim)
     if args.detach:
-        _write_pidfile(args.pid_file, _start_shim(target, terminal))
         return 0
-    _write_pidfile(args.pid_file, os.getpid())
-    return run_shim(target)
+    return _wait_foreground(shim, target)
+
+
+def _wait_foreground(shim: int, target: ShimTarget) -> int:
+    """Wait for the exec's shim and exit as it did. Callers kill the pid-file pid (the shim)
+    on a timeout; the guest process must not outlive it, so it is killed then too."""
+    while True:
+        try:
+            _, status = os.waitpid(shim, 0)
+            break
+        except InterruptedError:
+            continue
+    if not os.WIFSIGNALED(status):
+        return os.waitstatus_to_exitcode(status)
+
+    async def kill() -> None:
+        async with AgentClient(target.agent_socket) as agent:
+            await agent.signal_process(target.container_id, target.exec_id, signal.SIGKILL)
+
+    with contextlib.suppress(CrivmError):
+        asyncio.run(kill())
+    return 128 + os.WTERMSIG(status)
 
 
 def _is_pipe(fd: int) -> bool:
