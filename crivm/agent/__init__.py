@@ -3,8 +3,9 @@
 Run as ``python3 -S -m crivm.agent.main``. What the guest must provide:
 
 - python3.11 with asyncio, ctypes (libffi), termios, json and ipaddress; no site-packages;
-- the pure-Python protobuf runtime, at least the version of the protoc that generated
-  ``crivm/proto/agent_pb2.py`` (Debian's python3-protobuf is too old);
+- the protobuf runtime (the guest image ships the upb backend; pure Python works too), at
+  least the version of the protoc that generated ``crivm/proto/agent_pb2.py`` (Debian's
+  python3-protobuf is too old);
 - ``runc`` on PATH (or ``--runc``), running as root;
 - /proc, /sys, devtmpfs on /dev, devpts on /dev/pts (ttys come from /dev/ptmx), a writable /run
   (state in /run/crivm-agent), a writable /etc/resolv.conf, and cgroups at /sys/fs/cgroup

@@ -40,6 +40,8 @@ PACKAGES = (
     # Libraries of python, runc and the kept extension modules; install_libraries checks that
     # nothing is missing.
     "libc6", "libseccomp2", "zlib1g", "libexpat1", "libffi8",
+    # protobuf's compiled upb backend is C++.
+    "libstdc++6", "libgcc-s1",
 )
 KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
@@ -79,24 +81,27 @@ def _builder_fingerprint() -> dict[str, str]:
 
 
 async def _fetch_protobuf_wheel(cache_dir: Path) -> Path:
-    """The pure-Python protobuf wheel of the host's protobuf version.
+    """The CPython abi3 protobuf wheel (with the upb extension) of the host's protobuf version.
 
     The generated ``*_pb2`` modules check that the runtime is at least as new as the protoc that
     wrote them, and they are generated with the host's toolchain, so the guest gets that version.
     """
     version = importlib.metadata.version("protobuf")
     wheel_dir = cache_dir / "wheels"
-    wheel = wheel_dir / f"protobuf-{version}-py3-none-any.whl"
-    if not wheel.exists():
+    pattern = f"protobuf-{version}-cp*-abi3-manylinux*_x86_64.whl"
+    found = sorted(wheel_dir.glob(pattern))
+    if not found:
         wheel_dir.mkdir(parents=True, exist_ok=True)
         await debian.run_tool(
             sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-            "--only-binary=:all:", "--platform", "any", "--implementation", "py",
-            "--python-version", rootfs.PYTHON_MINOR, "-d", str(wheel_dir), f"protobuf=={version}",
+            "--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--implementation",
+            "cp", "--abi", "abi3", "--python-version", rootfs.PYTHON_MINOR, "-d", str(wheel_dir),
+            f"protobuf=={version}",
         )
-    if not wheel.exists():
-        raise GuestImageError(f"pip left no {wheel.name} in {wheel_dir}")
-    return wheel
+        found = sorted(wheel_dir.glob(pattern))
+    if not found:
+        raise GuestImageError(f"pip left no {pattern} in {wheel_dir}")
+    return found[-1]
 
 
 def _outputs_match(out_dir: Path, digest: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,43 @@ def test_init_script_parses_under_busybox(tmp_path: Path) -> None:
                             timeout=10)
     assert result.returncode == 0, result.stderr
     assert INIT_SCRIPT.startswith("#!/bin/sh\n")
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_install_protobuf_keeps_the_upb_extension(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "p.whl", {
+        "google/protobuf/__init__.py": b"",
+        "google/_upb/_message.abi3.so": b"\x7fELF",
+        "protobuf-1.dist-info/RECORD": b"",
+    })
+    rootfs.install_protobuf(wheel, tmp_path / "root")
+    base = tmp_path / "root" / rootfs.GUEST_PYTHONPATH.lstrip("/")
+    assert (base / "google/protobuf/__init__.py").exists()
+    assert (base / "google/_upb/_message.abi3.so").stat().st_mode & 0o111
+    assert not (base / "protobuf-1.dist-info").exists()
+
+
+def test_install_protobuf_rejects_a_pure_python_wheel(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "p.whl", {"google/protobuf/__init__.py": b""})
+    with pytest.raises(GuestImageError, match="_upb"):
+        rootfs.install_protobuf(wheel, tmp_path / "root")
+
+
+def test_compile_python_drops_stdlib_sources_but_keeps_the_agents(tmp_path: Path) -> None:
+    stdlib = tmp_path / f"usr/lib/python{rootfs.PYTHON_MINOR}"
+    agent = tmp_path / rootfs.GUEST_PYTHONPATH.lstrip("/") / "crivm/agent"
+    for directory in (stdlib / "pkg", agent):
+        directory.mkdir(parents=True)
+    (stdlib / "pkg/__init__.py").write_text("X = 1\n")
+    (agent / "main.py").write_text("Y = 2\n")
+    rootfs.compile_python(tmp_path)
+    assert (stdlib / "pkg/__init__.pyc").exists()
+    assert not (stdlib / "pkg/__init__.py").exists()
+    assert (agent / "main.py").exists()
+    assert list((agent / "__pycache__").glob("main.*.pyc"))
