@@ -108,7 +108,8 @@ async def idle_floor_memory(work: Path, name: str, kernel: Path,
     try:
         await vm.wait_for_console(IDLE_MARKER, TIMEOUT_S)
         await asyncio.sleep(MEMORY_SETTLE_S)
-        return pss_by_process([vm.pid, *processes_mentioning(str(fs.socket_path))])
+        # QEMU's own command line names the virtiofsd socket too: count each pid once.
+        return pss_by_process(sorted({vm.pid, *processes_mentioning(str(fs.socket_path))}))
     finally:
         await vm.kill()
         await fs.stop()
