@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crivm.errors import CrivmError, DeadlineExceeded, Unavailable
+from crivm.errors import DeadlineExceeded, Unavailable
 from crivm.hypervisor.qemu import cmdline, virtiofsd
 from crivm.hypervisor.qemu.vm import QemuVm
 from crivm.shim.agent_mux import AgentMux
@@ -108,8 +108,8 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         try:
             mux = await self.start()
-        except (CrivmError, OSError) as exc:
-            log.error("VM %s did not start: %s", self.spec.name, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the daemon must hear it
+            log.exception("VM %s did not start", self.spec.name)
             await self.stop()
             _report(report_fd, {"ok": False, "error": str(exc)})
             return 1

@@ -132,6 +132,30 @@ async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float) ->
     return report
 
 
+def _console_tail(paths: PodPaths, lines: int = 8) -> str:
+    try:
+        text = Path(paths.console_log).read_text(errors="replace")
+    except OSError:
+        return "(no console output)"
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+async def _wait_agent(agent: AgentClient, paths: PodPaths, timeout_s: float) -> None:
+    """Wait for the agent's health check; give up early when the VM is already gone (a guest
+    that panicked), with the end of its console in the error."""
+    ready = asyncio.ensure_future(agent.wait_ready(timeout_s))
+    try:
+        while not ready.done():
+            await asyncio.wait({ready}, timeout=0.5)
+            if not ready.done() and not supervisor_pid(paths):
+                raise VmStartError(f"the VM stopped before its agent answered; console: "
+                                   f"{_console_tail(paths)}")
+        ready.result()
+    finally:
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+
+
 def supervisor_pid(paths: PodPaths) -> int:
     """The supervisor's pid if it still runs (checked against its command line, so a reused
     pid is never mistaken for it), else 0."""
@@ -191,7 +215,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
         report = await _launch_supervisor(spec, request.netns_path, handler.boot_timeout_s)
         booted = loop.time()
         async with AgentClient(paths.mux_socket) as agent:
-            await agent.wait_ready(max(1.0, handler.boot_timeout_s - (booted - started)))
+            await _wait_agent(agent, paths, max(1.0, handler.boot_timeout_s - (booted - started)))
             ready = loop.time()
             await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
             dns = config.dns_config if config.HasField("dns_config") else None

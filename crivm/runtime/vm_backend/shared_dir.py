@@ -55,7 +55,8 @@ def _umount(target: str) -> None:
     if code in (errno.EINVAL, errno.ENOENT):
         return  # not a mount point (any more)
     if code == errno.EBUSY and _libc.umount2(target.encode(), _MNT_DETACH) == 0:
-        log.warning("%s was busy; detached it lazily", target)
+        # Usual for a rootfs: virtiofsd still holds inodes of it until the guest forgets them.
+        log.info("%s was busy; detached it lazily", target)
         return
     raise SharedDirError(f"umount {target} failed: {os.strerror(ctypes.get_errno() or code)}")
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
 from crivm.netbridge.cni import CniNetwork, PodNetwork
@@ -245,3 +246,16 @@ def test_vm_pod_survives_daemon_restart(vm_daemon: VmCrivmDaemon,
     cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=ticker, timeout=5),
                               timeout=120)
     assert cri.status(ticker).status.state == api_pb2.CONTAINER_EXITED
+
+
+@pytest.mark.parametrize("handler", ["vm-bad-kernel", "vm-no-agent"])
+def test_failed_vm_start_leaves_nothing(vm_daemon: VmCrivmDaemon, handler: str) -> None:
+    """QEMU that refuses its kernel, and a guest that never runs the agent (it panics without
+    a root filesystem): RunPodSandbox fails, and the fixture's leak check finds no netns,
+    mount, tap, process or row."""
+    cri = vm_daemon.cri
+    with pytest.raises(grpc.RpcError) as info:
+        cri.run_pod(vm_daemon.pod_config(handler), handler=handler)
+    assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 grpc.StatusCode.UNAVAILABLE)
+    assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
