@@ -54,9 +54,7 @@ PERFORMANCE_DOC = Path(__file__).resolve().parents[1] / "docs/performance.md"
 SECTION = "## VM boot"
 TIMEOUT_S = 120.0
 FLOOR_MARKER = "crivm-floor: init"
-FLOOR_INIT = (
-    f"#!/bin/busybox sh\n/bin/busybox echo {FLOOR_MARKER}\n/bin/busybox poweroff -f\n".encode()
-)
+FLOOR_INIT = f"#!/bin/busybox sh\n/bin/busybox echo {FLOOR_MARKER}\n/bin/busybox poweroff -f\n"
 AGENT_LISTENING_MARKER = "serving on"
 
 
@@ -69,8 +67,8 @@ class Samples:
     ready: list[float] = field(default_factory=list)
 
 
-def floor_initrd(dest: Path, busybox: Path) -> None:
-    """An uncompressed initramfs: /bin/busybox and an /init that powers off at once."""
+def busybox_initrd(dest: Path, busybox: Path, init: str) -> None:
+    """An uncompressed initramfs holding /bin/busybox and ``init`` as /init."""
     if elf.needed_libraries(busybox):
         raise SystemExit(f"{busybox} is not static; install busybox-static")
     entries = [
@@ -78,19 +76,26 @@ def floor_initrd(dest: Path, busybox: Path) -> None:
         cpio.Entry("bin/busybox", stat.S_IFREG | 0o755, data=busybox.read_bytes()),
         cpio.Entry("dev", stat.S_IFDIR | 0o755),
         cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1),
-        cpio.Entry("init", stat.S_IFREG | 0o755, data=FLOOR_INIT),
+        cpio.Entry("init", stat.S_IFREG | 0o755, data=init.encode()),
     ]
     out = io.BytesIO()
     cpio.write_archive(out, entries)
     dest.write_bytes(out.getvalue())
 
 
+def floor_initrd(dest: Path, busybox: Path) -> None:
+    """The boot floor: an init that prints its marker and powers off at once."""
+    busybox_initrd(dest, busybox, FLOOR_INIT)
+
+
 def vm_config(work: Path, name: str, machine: MachineType, accel: AccelKind, kernel: Path,
-              initrd: Path, fs_socket: Path) -> VmConfig:
+              initrd: Path, fs_socket: Path, *, memory_mb: int = 256,
+              tb_size_mb: int = 64) -> VmConfig:
     return VmConfig(
         name=name,
-        machine=Machine(machine, accel, tcg_tb_size_mb=64, tsc_khz=accelmod.host_tsc_khz()),
-        kernel_path=str(kernel), initrd_path=str(initrd), memory=Memory(256),
+        machine=Machine(machine, accel, tcg_tb_size_mb=tb_size_mb,
+                        tsc_khz=accelmod.host_tsc_khz()),
+        kernel_path=str(kernel), initrd_path=str(initrd), memory=Memory(memory_mb),
         console=Console(str(work / f"{name}-console.log")),
         qmp=Qmp(str(work / f"{name}-qmp.sock")),
         agent=VirtioSerialAgent(str(work / f"{name}-agent.sock")),
@@ -194,11 +199,11 @@ def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: Buil
     return "\n".join(lines)
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace (or append) the "VM boot" section, leaving other sections as they are."""
+def write_section(doc: Path, section: str, heading: str = SECTION) -> None:
+    """Replace (or append) the section under ``heading``, leaving other sections as they are."""
     text = doc.read_text() if doc.exists() else "# crivm performance\n\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         body = text.rstrip("\n") + "\n\n" + section
     else:

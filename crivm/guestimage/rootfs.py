@@ -30,7 +30,7 @@ PYTHON_MINOR = "3.11"
 # Loaded in this order after their dependencies; names as in modinfo.
 KERNEL_MODULES = (
     "virtio_pci", "virtio_mmio", "virtio_console", "virtio_net", "virtio_blk", "virtio_rng",
-    "virtiofs", "vmw_vsock_virtio_transport", "overlay",
+    "virtiofs", "vmw_vsock_virtio_transport", "overlay", "virtio_balloon",
 )
 # The stdlib extension modules the agent may need; the rest (ssl, sqlite, curses, ...) would pull
 # in large libraries for nothing.

@@ -10,6 +10,7 @@ import pytest
 
 from crivm.hypervisor.qemu import accel
 from crivm.hypervisor.qemu.cmdline import (
+    Balloon,
     Console,
     Machine,
     Memory,
@@ -165,6 +166,16 @@ def test_rng_optional_and_pidfile() -> None:
     assert "-pidfile" not in without
     custom = build_argv("qemu", _config(rng=Rng("/dev/random")))
     assert "rng-random,id=rng0,filename=/dev/random" in _values(custom, "-object")
+
+
+def test_balloon_with_free_page_reporting_per_machine() -> None:
+    assert not any(d.startswith("virtio-balloon") for d in _values(build_argv("qemu", _config()),
+                                                                   "-device"))
+    q35 = build_argv("qemu", _config(balloon=Balloon()))
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in _values(q35, "-device")
+    microvm = build_argv("qemu", _config(machine=Machine("microvm", "tcg"), balloon=Balloon()))
+    assert "virtio-balloon-device,id=balloon0,free-page-reporting=on" in _values(microvm,
+                                                                                 "-device")
 
 
 def test_hotplug_ports_on_q35_only() -> None:

@@ -214,6 +214,19 @@ class Rng:
                 "-device", _opts(virtio_driver("virtio-rng", machine), rng="rng0")]
 
 
+@dataclass(frozen=True)
+class Balloon:
+    """virtio-balloon, used only for free page reporting: the guest reports the pages it frees
+    (the initramfs after unpacking, exited processes) and QEMU drops them from guest RAM, so an
+    idle VM's host memory follows what the guest really uses instead of its high-water mark."""
+
+    free_page_reporting: bool = True
+
+    def argv(self, machine: MachineType) -> list[str]:
+        return ["-device", _opts(virtio_driver("virtio-balloon", machine), id="balloon0",
+                                 free_page_reporting=self.free_page_reporting)]
+
+
 # seccomp: no obsolete syscalls, no setuid, no fork/exec, no scheduler/affinity changes.
 SANDBOX = _opts("on", obsolete="deny", elevateprivileges="deny", spawn="deny",
                 resourcecontrol="deny")
@@ -232,6 +245,7 @@ class VmConfig:
     filesystems: tuple[VirtioFs, ...] = ()
     networks: tuple[TapNetwork, ...] = ()
     rng: Rng | None = field(default_factory=Rng)
+    balloon: Balloon | None = None
     extra_kernel_args: tuple[str, ...] = ()
     pidfile: str | None = None
     sandbox: bool = True
@@ -293,6 +307,8 @@ def build_argv(qemu_path: str, config: VmConfig) -> list[str]:
         argv += net.argv(machine)
     if config.rng is not None:
         argv += config.rng.argv(machine)
+    if config.balloon is not None:
+        argv += config.balloon.argv(machine)
     argv += _hotplug_argv(config)
     if config.pidfile:
         argv += ["-pidfile", config.pidfile]
