@@ -134,8 +134,10 @@ def conmon_argv(
     return argv
 
 
-async def spawn(argv: list[str], timeout_s: float = SPAWN_TIMEOUT_S) -> int:
-    """Start conmon and return the container's pid once the runtime created it."""
+async def spawn(argv: list[str], cwd: str, timeout_s: float = SPAWN_TIMEOUT_S) -> int:
+    """Start conmon in ``cwd`` (the bundle) and return the container's pid once the runtime
+    created it. conmon drops files such as ``oom`` into its working directory, so it must
+    never inherit the daemon's."""
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)
     env = {**os.environ, "_OCI_SYNCPIPE": str(write_fd)}
@@ -148,6 +150,7 @@ async def spawn(argv: list[str], timeout_s: float = SPAWN_TIMEOUT_S) -> int:
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
         except OSError as exc:

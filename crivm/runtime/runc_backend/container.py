@@ -172,7 +172,7 @@ async def create(
             layout=layout,
             name=config.metadata.name,
             stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
-        ))
+        ), cwd=layout.bundle)
         move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), request.pod.extra["cgroup_parent"])
         undo.commit()
     log.info("created container %s (pid %d)", ctr.id, pid, extra=extra)

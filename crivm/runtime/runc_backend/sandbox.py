@@ -75,7 +75,9 @@ async def start(
         if not config.linux.cgroup_parent:
             undo.add("remove the pod cgroup", remove_cgroup, parent, "/crivm")
         undo.add("delete the infra container", delete_container, env, layout)
-        pid = await conmon.spawn(_conmon_argv(env, layout, config.metadata.name))
+        pid = await conmon.spawn(
+            _conmon_argv(env, layout, config.metadata.name), cwd=layout.bundle
+        )
         move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), parent)
         await env.runtime.start(pod_id)
         undo.commit()

@@ -139,7 +139,7 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
             layout=layout,
             name=config.metadata.name,
             stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
-        ))
+        ), cwd=layout.bundle)
         undo.commit()
     log.info("created VM container %s (shim pid %d)", ctr.id, pid, extra=extra)
     user = container_spec["process"]["user"]
