@@ -63,7 +63,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        return self.wrap(handler_call_details.method.rsplit("/", 1)[-1], handler)
+
+    def wrap(self, method: str, handler: MethodHandler) -> MethodHandler:
+        """``handler`` with this call scope around it. The server applies it once per method
+        when it registers the handlers: as a grpc.aio ServerInterceptor the same work cost
+        about 0.1 ms on every call (a coroutine hop and new handler objects per call)."""
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),

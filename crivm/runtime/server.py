@@ -37,13 +37,12 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     if metrics is not None:
         interceptor.observers.append(metrics.observe_call)
     server = grpc.aio.server(
-        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    server.add_generic_rpc_handlers(tuple(servicer.generic_handlers(daemon)))
+    server.add_generic_rpc_handlers(tuple(servicer.generic_handlers(daemon, interceptor.wrap)))
     # Create the socket with no access for others, then widen to 0660: no window in
     # which another user could connect.
     old_umask = os.umask(0o177)

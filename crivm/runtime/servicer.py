@@ -32,11 +32,17 @@ def module_name(method: str) -> str:
     return "crivm.runtime.rpc." + re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
 
 
-def generic_handlers(daemon: Daemon) -> list[grpc.GenericRpcHandler[Any, Any]]:
+def generic_handlers(
+    daemon: Daemon, wrap: Callable[[str, MethodHandler], MethodHandler] | None = None
+) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """One generic handler per CRI service; ``wrap(method, handler)`` decorates each method
+    once, here, rather than on every call."""
     handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
     for service_name in SERVICES:
         service = api_pb2.DESCRIPTOR.services_by_name[service_name]
         methods = {m.name: _method_handler(daemon, m) for m in service.methods}
+        if wrap is not None:
+            methods = {name: wrap(name, handler) for name, handler in methods.items()}
         handlers.append(grpc.method_handlers_generic_handler(service.full_name, methods))
     return handlers
 
