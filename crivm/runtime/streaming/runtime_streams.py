@@ -1,5 +1,7 @@
 """The daemon's StreamBackend: finds the container's pod and hands the session to the pod's
-runtime backend; port-forward connects inside the pod's network namespace.
+runtime backend; port-forward connects inside the pod's network namespace, or through the
+backend's ``port_forward_connect(pod, port) -> socket`` when it has one (a VM pod's ports are
+in its guest).
 
 Exec and attach need process plumbing only a runtime backend has (runc with a console
 socket, conmon's attach socket, a VM agent). A backend offers it with two coroutines,
@@ -58,6 +60,11 @@ class RuntimeStreams:
         self, pod_id: str, port: int, source: ByteSource, sink: ByteSink
     ) -> None:
         pod = require_pod(self.daemon, pod_id)
+        # A VM pod's ports are in its guest, not in its netns: its backend connects.
+        connect = getattr(backend_of(self.daemon, pod), "port_forward_connect", None)
+        if connect is not None:
+            await forward_socket(await connect(pod, port), source, sink)
+            return
         netns_path = str(pod.extra.get("netns_path", ""))
         if not netns_path and not _host_network(pod):
             raise FailedPrecondition(f"pod sandbox {pod_id} has no network namespace")

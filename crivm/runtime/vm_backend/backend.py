@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from crivm.runtime.runc_backend.oci import OciRuntime
 from crivm.runtime.stats.sample import ResourceSample
 from crivm.runtime.store import ContainerRecord, PodRecord
 from crivm.runtime.streaming.backend import Stdio
-from crivm.runtime.vm_backend import container, sandbox, shim_launcher, stats
+from crivm.runtime.vm_backend import container, port_forward, sandbox, shim_launcher, stats
 from crivm.runtime.vm_backend.sandbox import VmEnvironment
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,10 @@ class VmBackend:
         config = api_pb2.ContainerConfig.FromString(ctr.config)
         layout = runc_container.layout_of(self.oci, ctr)
         await stream_io.attach_stream(layout, stdio, config.tty, config.stdin)
+
+    async def port_forward_connect(self, pod: PodRecord, port: int) -> socket.socket:
+        """Port-forward target: the guest's port (see ``port_forward``)."""
+        return await port_forward.connect(pod, port)
 
     async def update_resources(
         self,

@@ -8,13 +8,14 @@ import os
 import pty
 import select
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.images import PushedImage
+from tests.fixtures.images import NGINX_INDEX_HTML, PushedImage
 from tests.fixtures.vm_daemon import VmCrivmDaemon
 
 pytestmark = [
@@ -24,6 +25,7 @@ pytestmark = [
 ]
 
 BUSYBOX = "docker.io/library/busybox:latest"
+NGINX = "docker.io/library/nginx:latest"
 
 
 def crictl_argv(daemon: VmCrivmDaemon, *args: str) -> list[str]:
@@ -145,3 +147,50 @@ def test_crictl_runp_runtime_vm(vm_daemon: VmCrivmDaemon, busybox_image: PushedI
     crictl(vm_daemon, "rm", ctr)
     crictl(vm_daemon, "stopp", pod)
     crictl(vm_daemon, "rmp", pod)
+
+
+def test_crictl_port_forward_to_vm_nginx(vm_daemon: VmCrivmDaemon, nginx_image: PushedImage,
+                                         tmp_path: Path) -> None:
+    pod_json = tmp_path / "pod.json"
+    pod_json.write_text(json.dumps({
+        "metadata": {"name": "vmpf", "namespace": "crivmtest", "uid": "vmpf-uid"},
+        "log_directory": str(vm_daemon.log_dir / "vmpf"), "linux": {},
+    }))
+    ctr_json = tmp_path / "ctr.json"
+    ctr_json.write_text(json.dumps({"metadata": {"name": "nginx"}, "image": {"image": NGINX},
+                                    "log_path": "nginx.log", "linux": {}}))
+    crictl(vm_daemon, "pull", NGINX)
+    pod = crictl(vm_daemon, "runp", "--runtime", "vm", str(pod_json)).stdout.strip()
+    ctr = crictl(vm_daemon, "create", pod, str(ctr_json), str(pod_json)).stdout.strip()
+    crictl(vm_daemon, "start", ctr)
+    # crictl's forwarder gives up after a refused connection, so let nginx come up first.
+    deadline = time.monotonic() + 120
+    while crictl(vm_daemon, "exec", ctr, "wget", "-q", "-O-", "http://127.0.0.1/",
+                 check=False).returncode != 0:
+        assert time.monotonic() < deadline, "nginx did not come up in the VM"
+        time.sleep(1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local_port = probe.getsockname()[1]
+    forwarder = subprocess.Popen(  # noqa: S603
+        crictl_argv(vm_daemon, "port-forward", pod, f"{local_port}:80"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        page = b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not page.startswith(b"HTTP/1.1 200"):
+            page = b""
+            try:
+                with socket.create_connection(("127.0.0.1", local_port), timeout=10) as conn:
+                    conn.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                    while chunk := conn.recv(65536):
+                        page += chunk
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert page.startswith(b"HTTP/1.1 200"), page[:200]
+        assert page.endswith(NGINX_INDEX_HTML)
+    finally:
+        forwarder.terminate()
+        forwarder.wait(10)
