@@ -42,80 +42,108 @@ class RootfsRecord:
 
 
 class Catalog:
+    """The records. Only this class writes the image tables, so it keeps an in-memory view of
+    the images and their names, read from the store in three queries and dropped on every
+    change: ImageStatus, ListImages and CreateContainer's lookup then run no SQL. Records are
+    shared between callers and must be treated as read-only."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._images: dict[str, ImageRecord] | None = None  # by id, oldest first
+        self._names: dict[str, str] = {}  # tag or repo digest -> image id
 
     # -- images ---------------------------------------------------------------------------
 
     def get_image(self, image_id: str) -> ImageRecord | None:
-        rows = self._store.query("SELECT * FROM images WHERE id = ?", (image_id,))
-        return self._image(rows[0]) if rows else None
+        return self._view().get(image_id)
 
     def list_images(self) -> list[ImageRecord]:
-        rows = self._store.query("SELECT * FROM images ORDER BY created_at")
-        return [self._image(row) for row in rows]
+        return list(self._view().values())
 
     def image_id_by_name(self, name: str) -> str | None:
-        rows = self._store.query("SELECT image_id FROM image_names WHERE name = ?", (name,))
-        return str(rows[0][0]) if rows else None
+        self._view()
+        return self._names.get(name)
 
     def image_ids_by_prefix(self, hex_prefix: str) -> list[str]:
-        rows = self._store.query(
-            "SELECT id FROM images WHERE substr(id, 8, ?) = ?", (len(hex_prefix), hex_prefix)
-        )
-        return [str(row[0]) for row in rows]
+        # Ids are "sha256:<hex>"; the prefix is matched against the hex.
+        return [image_id for image_id in self._view()
+                if image_id[7:7 + len(hex_prefix)] == hex_prefix]
 
     def save_image(
         self, image: ImageRecord, names: list[tuple[str, str]], pinned: bool
     ) -> None:
         """Insert the image (or keep the existing row) and point ``names`` at it."""
-        with self._store.transaction() as conn:
-            conn.execute(
-                "INSERT INTO images (id, manifest_digest, index_digest, size, pinned, created_at,"
-                " config) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
-                " pinned = max(pinned, excluded.pinned)",
-                (image.id, image.manifest_digest, image.index_digest, image.size, int(pinned),
-                 image.created_at, json.dumps(image.config)),
-            )
-            if not conn.execute(
-                "SELECT 1 FROM image_layers WHERE image_id = ?", (image.id,)
-            ).fetchone():
-                conn.executemany(
-                    "INSERT INTO image_layers (image_id, position, chain_id) VALUES (?, ?, ?)",
-                    [(image.id, pos, chain) for pos, chain in enumerate(image.layers)],
+        try:
+            with self._store.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO images (id, manifest_digest, index_digest, size, pinned,"
+                    " created_at, config) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE"
+                    " SET pinned = max(pinned, excluded.pinned)",
+                    (image.id, image.manifest_digest, image.index_digest, image.size,
+                     int(pinned), image.created_at, json.dumps(image.config)),
                 )
-            conn.executemany(
-                "INSERT INTO image_names (name, image_id, kind) VALUES (?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id",
-                [(name, image.id, kind) for name, kind in names],
-            )
+                if not conn.execute(
+                    "SELECT 1 FROM image_layers WHERE image_id = ?", (image.id,)
+                ).fetchone():
+                    conn.executemany(
+                        "INSERT INTO image_layers (image_id, position, chain_id)"
+                        " VALUES (?, ?, ?)",
+                        [(image.id, pos, chain) for pos, chain in enumerate(image.layers)],
+                    )
+                conn.executemany(
+                    "INSERT INTO image_names (name, image_id, kind) VALUES (?, ?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id",
+                    [(name, image.id, kind) for name, kind in names],
+                )
+        finally:
+            self._images = None
 
     def remove_name(self, name: str) -> None:
-        self._store.execute("DELETE FROM image_names WHERE name = ?", (name,))
+        try:
+            self._store.execute("DELETE FROM image_names WHERE name = ?", (name,))
+        finally:
+            self._images = None
 
     def remove_image(self, image_id: str) -> None:
-        self._store.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        try:
+            self._store.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        finally:
+            self._images = None
 
-    def _image(self, row: sqlite3.Row) -> ImageRecord:
-        image_id = str(row["id"])
-        names = self._store.query(
-            "SELECT name, kind FROM image_names WHERE image_id = ? ORDER BY name", (image_id,)
-        )
-        layers = self._store.query(
-            "SELECT chain_id FROM image_layers WHERE image_id = ? ORDER BY position", (image_id,)
-        )
-        return ImageRecord(
-            id=image_id,
-            manifest_digest=str(row["manifest_digest"]),
-            index_digest=str(row["index_digest"]),
-            size=int(row["size"]),
-            pinned=bool(row["pinned"]),
-            created_at=int(row["created_at"]),
-            config=json.loads(row["config"]),
-            layers=tuple(str(r[0]) for r in layers),
-            repo_tags=tuple(str(n[0]) for n in names if n[1] == "tag"),
-            repo_digests=tuple(str(n[0]) for n in names if n[1] == "digest"),
-        )
+    def _view(self) -> dict[str, ImageRecord]:
+        if self._images is not None:
+            return self._images
+        rows = self._store.query("SELECT * FROM images ORDER BY created_at")
+        names: dict[str, list[sqlite3.Row]] = {}
+        for row in self._store.query(
+            "SELECT name, kind, image_id FROM image_names ORDER BY name"
+        ):
+            names.setdefault(str(row["image_id"]), []).append(row)
+        layers: dict[str, list[str]] = {}
+        for row in self._store.query(
+            "SELECT image_id, chain_id FROM image_layers ORDER BY image_id, position"
+        ):
+            layers.setdefault(str(row["image_id"]), []).append(str(row["chain_id"]))
+        images = {}
+        for row in rows:
+            image_id = str(row["id"])
+            own_names = names.get(image_id, [])
+            images[image_id] = ImageRecord(
+                id=image_id,
+                manifest_digest=str(row["manifest_digest"]),
+                index_digest=str(row["index_digest"]),
+                size=int(row["size"]),
+                pinned=bool(row["pinned"]),
+                created_at=int(row["created_at"]),
+                config=json.loads(row["config"]),
+                layers=tuple(layers.get(image_id, ())),
+                repo_tags=tuple(str(n["name"]) for n in own_names if n["kind"] == "tag"),
+                repo_digests=tuple(str(n["name"]) for n in own_names if n["kind"] == "digest"),
+            )
+        self._names = {str(n["name"]): image_id for image_id, listed in names.items()
+                       for n in listed if image_id in images}
+        self._images = images
+        return images
 
     # -- layers ---------------------------------------------------------------------------
 
