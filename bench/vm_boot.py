@@ -67,8 +67,10 @@ class Samples:
     ready: list[float] = field(default_factory=list)
 
 
-def busybox_initrd(dest: Path, busybox: Path, init: str) -> None:
-    """An uncompressed initramfs holding /bin/busybox and ``init`` as /init."""
+def busybox_initrd(dest: Path, busybox: Path, init: str,
+                   files: dict[str, bytes] | None = None) -> None:
+    """An uncompressed initramfs holding /bin/busybox, ``init`` as /init, and ``files`` (by path
+    relative to /)."""
     if elf.needed_libraries(busybox):
         raise SystemExit(f"{busybox} is not static; install busybox-static")
     entries = [
@@ -77,6 +79,8 @@ def busybox_initrd(dest: Path, busybox: Path, init: str) -> None:
         cpio.Entry("dev", stat.S_IFDIR | 0o755),
         cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1),
         cpio.Entry("init", stat.S_IFREG | 0o755, data=init.encode()),
+        *(cpio.Entry(path, stat.S_IFREG | 0o644, data=data)
+          for path, data in (files or {}).items()),
     ]
     out = io.BytesIO()
     cpio.write_archive(out, entries)
@@ -111,9 +115,10 @@ async def _start_share(work: Path, name: str) -> virtiofsd.Virtiofsd:
 
 
 async def run_floor(work: Path, name: str, machine: MachineType, accel: AccelKind,
-                    kernel: Path, initrd: Path, samples: Samples) -> None:
+                    kernel: Path, initrd: Path, samples: Samples, tb_size_mb: int = 64) -> None:
     fs = await _start_share(work, name)
-    config = vm_config(work, name, machine, accel, kernel, initrd, fs.socket_path)
+    config = vm_config(work, name, machine, accel, kernel, initrd, fs.socket_path,
+                       tb_size_mb=tb_size_mb)
     started = time.monotonic()
     vm = await QemuVm.launch(QEMU, config, work / f"{name}-qemu.err")
     try:
@@ -127,9 +132,10 @@ async def run_floor(work: Path, name: str, machine: MachineType, accel: AccelKin
 
 
 async def run_image(work: Path, name: str, machine: MachineType, accel: AccelKind,
-                    image: BuildResult, samples: Samples) -> None:
+                    image: BuildResult, samples: Samples, tb_size_mb: int = 64) -> None:
     fs = await _start_share(work, name)
-    config = vm_config(work, name, machine, accel, image.kernel, image.initrd, fs.socket_path)
+    config = vm_config(work, name, machine, accel, image.kernel, image.initrd, fs.socket_path,
+                       tb_size_mb=tb_size_mb)
     started = time.monotonic()
     vm = await QemuVm.launch(QEMU, config, work / f"{name}-qemu.err")
     try:
@@ -162,15 +168,18 @@ def _range(values: list[float]) -> str:
 
 
 def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: BuildResult,
-           load: tuple[float, float]) -> str:
+           load: tuple[float, float], tb_size_mb: int = 64) -> str:
+    command = (f"python3 -m bench.vm_boot --runs {runs} --machine {' '.join(results)} "
+               f"--tb-size {tb_size_mb}")
     lines = [
         SECTION,
         "",
-        "Measured by `python3 -m bench.vm_boot` "
+        f"Measured by `{command}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} host cores, accel **{accel}**, "
         f"{runs} runs per row, medians with min-max).",
         f"Guest: kernel {image.kernel_version}, initrd {image.initrd_bytes / 2**20:.1f} MiB "
-        f"({image.compression}), 1 vCPU, 256 MiB, virtio-fs + virtio-serial + virtio-rng devices.",
+        f"({image.compression}), 1 vCPU, 256 MiB, TCG translation cache {tb_size_mb} MiB, "
+        "virtio-fs + virtio-serial + virtio-rng devices.",
         "",
         "| machine | floor: init runs | floor: QEMU exits | image: init done "
         "| image: agent listening | image: agent answers Check | ready minus floor init |",
@@ -230,15 +239,17 @@ async def main_async(args: argparse.Namespace) -> int:
             samples = results.setdefault(machine, Samples())
             for run in range(args.runs):
                 name = f"{machine}-{run}"
-                await run_floor(work, f"f{name}", machine, accel, image.kernel, floor, samples)
-                await run_image(work, f"i{name}", machine, accel, image, samples)
+                await run_floor(work, f"f{name}", machine, accel, image.kernel, floor, samples,
+                                args.tb_size)
+                await run_image(work, f"i{name}", machine, accel, image, samples, args.tb_size)
                 ready = f"{samples.ready[-1]:.2f}" if samples.ready else "-"
                 print(f"{machine} run {run + 1}/{args.runs}: floor init "
                       f"{samples.floor_init[-1]:.2f} s, exit {samples.floor_exit[-1]:.2f} s; "
                       f"image init {samples.init[-1]:.2f} s, ready {ready} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    section = report(results, args.runs, accel, image, (load_start, os.getloadavg()[0]))
+    section = report(results, args.runs, accel, image, (load_start, os.getloadavg()[0]),
+                     args.tb_size)
     print(section)
     if not args.no_write:
         write_section(args.doc, section)
@@ -253,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", nargs="+", choices=["q35", "microvm"],
                         default=["q35", "microvm"])
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    parser.add_argument("--tb-size", type=int, default=64, help="TCG translation cache, MiB")
     parser.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGE_DIR)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--busybox", default="/bin/busybox")

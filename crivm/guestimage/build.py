@@ -34,12 +34,15 @@ DEFAULT_OUT_DIR = Path("/var/lib/crivm/guest")
 DEFAULT_CACHE_DIR = Path("/var/cache/crivm/guest-image")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 PACKAGES = (
-    "busybox-static", "runc",
+    # crun, not runc: under TCG a runc create + start costs the guest about 3 s (a Go runtime
+    # starts for runc and again for runc init), crun about 0.5 s; it is also 4 MiB smaller.
+    "busybox-static", "crun",
     f"python{rootfs.PYTHON_MINOR}-minimal", f"libpython{rootfs.PYTHON_MINOR}-minimal",
     f"libpython{rootfs.PYTHON_MINOR}-stdlib",
-    # Libraries of python, runc and the kept extension modules; install_libraries checks that
+    # Libraries of python, crun and the kept extension modules; install_libraries checks that
     # nothing is missing.
-    "libc6", "libseccomp2", "zlib1g", "libexpat1", "libffi8",
+    "libc6", "libseccomp2", "zlib1g", "libexpat1", "libffi8", "libcap2", "libyajl2",
+    "libsystemd0", "libgcrypt20", "libgpg-error0", "liblz4-1", "liblzma5", "libzstd1",
     # protobuf's compiled upb backend is C++.
     "libstdc++6", "libgcc-s1",
 )
@@ -145,7 +148,7 @@ def _assemble(staging: Path, root: Path, wheel: Path, agent: dict[str, Path],
               applets: list[str]) -> dict[str, Any]:
     rootfs.skeleton(root)
     rootfs.install_busybox(staging, root, applets)
-    rootfs.install_runc(staging, root)
+    rootfs.install_oci_runtime(staging, root)
     rootfs.install_python(staging, root)
     rootfs.install_protobuf(wheel, root)
     rootfs.install_agent(agent, root)

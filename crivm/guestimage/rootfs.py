@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PYTHON_MINOR = "3.11"
 # Loaded in this order after their dependencies; names as in modinfo.
 KERNEL_MODULES = (
-    "virtio_pci", "virtio_mmio", "virtio_console", "virtio_net", "virtio_blk", "virtio_rng",
+    "virtio_pci", "virtio_mmio", "virtio_console", "virtio_net", "virtio_rng",
     "virtiofs", "vmw_vsock_virtio_transport", "overlay", "virtio_balloon",
 )
 # The stdlib extension modules the agent may need; the rest (ssl, sqlite, curses, ...) would pull
@@ -124,13 +124,12 @@ def install_busybox(staging: Path, root: Path, applets: Iterable[str]) -> None:
         _symlink("/usr/bin/busybox", link)
 
 
-def install_runc(staging: Path, root: Path) -> None:
-    for candidate in ("usr/sbin/runc", "usr/bin/runc"):
-        if (staging / candidate).exists():
-            _copy(staging / candidate, root / "usr/bin/runc", 0o755)
-            _symlink("../bin/runc", root / "usr/sbin/runc")
-            return
-    raise GuestImageError("the runc package holds no runc binary")
+def install_oci_runtime(staging: Path, root: Path) -> None:
+    """crun, which the agent drives through the runc CLI (init passes ``--runc crun``)."""
+    binary = staging / "usr/bin/crun"
+    if not binary.exists():
+        raise GuestImageError("the crun package holds no crun binary")
+    _copy(binary, root / "usr/bin/crun", 0o755)
 
 
 def install_python(staging: Path, root: Path) -> None:

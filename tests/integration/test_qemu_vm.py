@@ -41,7 +41,7 @@ async def test_rebuild_with_same_inputs_is_cached(guest_image: BuildResult) -> N
     assert again.cached
     manifest = json.loads(again.manifest.read_text())
     names = {p["name"] for p in manifest["packages"]}
-    assert {"busybox-static", "runc", "python3.11-minimal"} <= names
+    assert {"busybox-static", "crun", "python3.11-minimal"} <= names
     assert any(n.startswith("linux-image-") and n.endswith("-cloud-amd64") for n in names)
     assert "virtiofs" in manifest["kernel_modules"]
     assert manifest["outputs"]["initrd.img"]["bytes"] == again.initrd_bytes
