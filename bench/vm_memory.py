@@ -142,8 +142,7 @@ async def _one_vm(work: Path, name: str, machine: MachineType, accel: AccelKind,
     fs = await _start_share(work, name)
     config = vm_config(work, name, machine, accel, kernel, initrd, fs.socket_path,
                        memory_mb=memory_mb, tb_size_mb=variant.tb_size_mb)
-    if variant.balloon:
-        config = replace(config, balloon=Balloon())
+    config = replace(config, balloon=Balloon() if variant.balloon else None)
     vm = await QemuVm.launch(QEMU, config, work / f"{name}-qemu.err")
     try:
         async with contextlib.AsyncExitStack() as stack:
