@@ -18,6 +18,7 @@ import asyncio
 import io
 import logging
 import os
+import shutil
 import stat
 import statistics
 import sys
@@ -218,6 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             crivm.stop()
         _stop(registry_process)
         payload["leaks"] = sweep(work, BENCH_BRIDGE)
+        shutil.rmtree(work, ignore_errors=True)
     return payload
 
 
