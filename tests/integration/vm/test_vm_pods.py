@@ -204,6 +204,15 @@ def test_runc_and_vm_pods_side_by_side_and_trust_annotations(
             assert (shared_out / "reply").read_text() == "from the guest\n"
     assert kernels["trusted"] == host_kernel
     assert kernels["crio"] != host_kernel and kernels["containerd"] != host_kernel
+
+    # A memory limit holds inside the guest: the kernel there kills the hog.
+    config, pod_id = pods["containerd"]
+    hog = busybox("hog", "exec dd if=/dev/zero of=/dev/null bs=100M count=1")
+    hog.linux.resources.memory_limit_in_bytes = 32 * 1024 * 1024
+    hog_id = cri.create(pod_id, hog, config)
+    cri.start(hog_id)
+    killed = cri.wait_exited(hog_id, timeout_s=120)
+    assert killed.exit_code == 137, read_log(config, "hog")
     # The fixture's teardown removes the pods through the CRI and runs the leak check.
 
 
