@@ -37,7 +37,9 @@ class FakeAgent:
             raise
         return pb.WaitProcessResponse(exit_code=7)
 
-    async def read(self, request: pb.ReadStreamRequest) -> AsyncGenerator[pb.ReadStreamResponse, None]:
+    async def read(
+        self, request: pb.ReadStreamRequest
+    ) -> AsyncGenerator[pb.ReadStreamResponse, None]:
         for index in range(40):  # more than one flow-control window
             yield pb.ReadStreamResponse(data=f"{request.container_id}:{index};".encode())
 
