@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -191,7 +192,9 @@ def report(results: dict[Variant, Readings], args: argparse.Namespace, image: Bu
         "",
         f"Measured by `python3 -m bench.vm_memory --runs {args.runs} --tb-size "
         f"{' '.join(map(str, args.tb_size))} --balloon {' '.join(args.balloon)} --memory "
-        f"{args.memory} --settle {args.settle:g} --vms {args.vms}` ({time.strftime('%Y-%m-%d')}, "
+        f"{args.memory} --settle {args.settle:g} --vms {args.vms}"
+        f"{' --prebuilt --image-dir ' + str(args.image_dir) if args.prebuilt else ''}` "
+        f"({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} host cores, accel **{args.accel}**, machine {args.machine}, "
         f"{args.runs} runs per row, medians). Guest: kernel {image.kernel_version}, initrd "
         f"{image.initrd_bytes / 2**20:.1f} MiB, 1 vCPU, {args.memory} MiB. Load average (1 min) "
@@ -215,8 +218,21 @@ def report(results: dict[Variant, Readings], args: argparse.Namespace, image: Bu
     return "\n".join(lines) + "\n"
 
 
+def prebuilt(image_dir: Path) -> BuildResult:
+    """An image built earlier (e.g. by an older checkout, for a before/after comparison)."""
+    manifest = json.loads((image_dir / "manifest.json").read_text())
+    initrd = image_dir / "initrd.img"
+    return BuildResult(image_dir / "vmlinuz", initrd, image_dir / "manifest.json",
+                       manifest["kernel_version"], initrd.stat().st_size, 0.0, cached=True,
+                       has_agent=bool(manifest.get("agent_files")))
+
+
 async def main_async(args: argparse.Namespace) -> int:
-    image = await build(args.image_dir, args.cache_dir, progress=lambda m: print(m, flush=True))
+    if args.prebuilt:
+        image = prebuilt(args.image_dir)
+    else:
+        image = await build(args.image_dir, args.cache_dir,
+                            progress=lambda m: print(m, flush=True))
     if not image.has_agent:
         print("the guest image has no agent", file=sys.stderr)
         return 2
@@ -270,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accel", choices=["kvm", "tcg"], default="tcg")
     parser.add_argument("--image-dir", type=Path, default=DEFAULT_IMAGE_DIR)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--prebuilt", action="store_true",
+                        help="use the image in --image-dir as it is, without building")
     parser.add_argument("--busybox", default="/bin/busybox")
     parser.add_argument("--doc", type=Path, default=PERFORMANCE_DOC)
     parser.add_argument("--write", action="store_true", help="update docs/performance.md")
