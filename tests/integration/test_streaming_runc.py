@@ -349,3 +349,24 @@ def test_crictl_exec_it_on_a_terminal(crivm_daemon_deep: CrivmDaemon, transport:
         term.close()
     assert code != 0, term.text
     assert "exit code 5" in term.text
+
+
+@pytest.mark.skipif(shutil.which("crictl") is None, reason="crictl is not installed")
+def test_crictl_attach_it_on_a_terminal(crivm_daemon_deep: CrivmDaemon) -> None:
+    daemon = crivm_daemon_deep
+    _, ctr = start_container(daemon, "crictl-attach-it", ["/bin/sh"], stdin=True, tty=True)
+    crictl = shutil.which("crictl")
+    assert crictl is not None
+    endpoint = f"unix://{daemon.socket}"
+    term = Terminal([crictl, "--runtime-endpoint", endpoint, "attach", "-it", ctr],
+                    rows=31, cols=97)
+    try:
+        term.retype_until(b"stty size\n", b"31 97")
+        term.resize(40, 120)
+        term.retype_until(b"stty size\n", b"40 120")
+        term.type(b"exit 3\n")
+        code = term.wait()
+    finally:
+        term.close()
+    assert code == 0, term.text  # attach reports no exit code; the container's status does
+    assert daemon.cri.wait_exited(ctr).exit_code == 3
