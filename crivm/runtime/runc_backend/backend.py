@@ -11,6 +11,7 @@ from crivm.errors import Unavailable
 from crivm.proto import api_pb2
 from crivm.runtime.backend import (
     CONTAINER_EXITED,
+    CONTAINER_RUNNING,
     BackendServices,
     ContainerRequest,
     ContainerStatus,
@@ -85,7 +86,15 @@ class RuncBackend:
             root=self.config.root,
             host=probe_host(),
         )
+        # Nothing is being deleted yet; what is in the trash a crash left behind.
+        await asyncio.to_thread(self._env.trash.sweep)
         await self._reconcile(services)
+
+    async def close(self) -> None:
+        """Wait for the bundle deletions still running in the background."""
+        if self._env is not None:
+            self._env.exits.close()
+            await self._env.trash.drain()
 
     async def _reconcile(self, services: BackendServices) -> None:
         """Containers that exited while the daemon was down become exited in the store."""
@@ -96,6 +105,8 @@ class RuncBackend:
             if ctr.pod_id not in pods or ctr.state == CONTAINER_EXITED:
                 continue
             status = await container.status(self.env, ctr)
+            if status.state != CONTAINER_EXITED:
+                container.watch_exit(self.env, ctr)
             if status.state != ctr.state:
                 store.update_container(
                     ctr.id, state=status.state, finished_at=status.finished_at,
@@ -133,6 +144,7 @@ class RuncBackend:
 
     async def stop_container(self, pod: PodRecord, ctr: ContainerRecord, timeout_s: float) -> None:
         await container.stop(self.env, ctr, timeout_s)
+        await container.release(self.env, ctr)
 
     async def remove_container(self, pod: PodRecord, ctr: ContainerRecord) -> None:
         await container.remove(self.env, ctr)
@@ -149,14 +161,21 @@ class RuncBackend:
         max_output: int,
     ) -> ExecResult:
         layout = container.layout_of(self.env, ctr)
-        return await exec_sync.exec_sync(self.env, layout, cmd, timeout_s, max_output)
+        return await exec_sync.exec_sync(
+            self.env, layout, cmd, timeout_s, max_output, self._known_running(ctr)
+        )
 
     async def exec_stream(
         self, pod: PodRecord, ctr: ContainerRecord, cmd: list[str], stdio: Stdio
     ) -> int:
         """Streaming exec (kubectl exec); see ``stream_io``."""
         layout = container.layout_of(self.env, ctr)
-        return await stream_io.exec_stream(self.env, layout, cmd, stdio)
+        return await stream_io.exec_stream(
+            self.env, layout, cmd, stdio, self._known_running(ctr)
+        )
+
+    def _known_running(self, ctr: ContainerRecord) -> bool:
+        return ctr.state == CONTAINER_RUNNING and self.env.exits.monitor_alive(ctr.id)
 
     async def attach_stream(self, pod: PodRecord, ctr: ContainerRecord, stdio: Stdio) -> None:
         """Attach to the container's stdio through conmon; see ``stream_io``."""

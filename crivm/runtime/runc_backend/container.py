@@ -25,13 +25,15 @@ from crivm.runtime.runc_backend import conmon, spec
 from crivm.runtime.runc_backend.environment import (
     RuncEnvironment,
     delete_container,
+    discard_layout,
+    live_conmon_pid,
     make_layout_dirs,
     remove_layout,
     wait_for_exit,
     write_spec,
 )
 from crivm.runtime.runc_backend.host import move_to_cgroup
-from crivm.runtime.runc_backend.oci import process_alive, signal_number
+from crivm.runtime.runc_backend.oci import OciRuntimeError, process_alive, signal_number
 from crivm.runtime.runc_backend.passwd import resolve_user
 from crivm.runtime.runc_backend.spec_resources import resources_section
 from crivm.runtime.store import ContainerRecord, PodRecord
@@ -173,8 +175,10 @@ async def create(
             name=config.metadata.name,
             stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
         ), cwd=layout.bundle)
-        move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), request.pod.extra["cgroup_parent"])
+        conmon_pid = conmon.read_pid(layout.conmon_pidfile)
+        move_to_cgroup(conmon_pid, request.pod.extra["cgroup_parent"])
         undo.commit()
+    env.exits.watch(ctr.id, conmon_pid)
     log.info("created container %s (pid %d)", ctr.id, pid, extra=extra)
     return {
         "pid": pid,
@@ -197,35 +201,74 @@ async def stop(env: RuncEnvironment, container: ContainerRecord, timeout_s: floa
     layout = layout_of(env, container)
     if conmon.read_exit(layout) is not None:
         return
-    state = await env.runtime.state(container.id)
-    if state is None or state.status == "stopped":
-        await wait_for_exit(layout, EXIT_FILE_GRACE_S)
-        return
-    if state.status == "running" and timeout_s > 0:
+    # No `runc state` first: the row says whether the container was started, and a kill
+    # that races the container's own exit is sorted out by ``_kill``.
+    if container.state == CONTAINER_RUNNING and timeout_s > 0:
         signum = signal_number(str(container.extra.get("stop_signal", "")))
-        await env.runtime.kill(container.id, signum)
+        if not await _kill(env, container.id, signum, all_processes=False):
+            await wait_for_exit(layout, EXIT_FILE_GRACE_S)
+            return
         if await wait_for_exit(layout, timeout_s) is not None:
             return
         log.info("container %s ignored signal %d for %.0fs; killing it", container.id, signum,
                  timeout_s, extra={"container_id": container.id})
     # --all: with a private pid namespace the init's death kills the rest anyway, but a
     # container sharing the pod's pid namespace leaves its other processes otherwise.
-    await env.runtime.kill(container.id, int(signal.SIGKILL), all_processes=True)
+    if not await _kill(env, container.id, int(signal.SIGKILL), all_processes=True):
+        await wait_for_exit(layout, EXIT_FILE_GRACE_S)
+        return
     if await wait_for_exit(layout, KILL_WAIT_S) is None:
         log.warning("container %s did not exit after SIGKILL", container.id,
                     extra={"container_id": container.id})
 
 
+async def _kill(env: RuncEnvironment, container_id: str, signum: int, all_processes: bool) -> bool:
+    """Signal the container; False when it had stopped already (the runtime refuses to
+    signal a stopped container, or no longer knows it)."""
+    try:
+        await env.runtime.kill(container_id, signum, all_processes=all_processes)
+        return True
+    except OciRuntimeError:
+        state = await env.runtime.state(container_id)
+        if state is None or state.status == "stopped":
+            return False
+        raise
+
+
+async def release(env: RuncEnvironment, container: ContainerRecord) -> None:
+    """Delete an exited container's runtime state right away, as containerd does when it
+    sees the exit, so RemoveContainer has only files left to drop. A container still
+    running is left alone."""
+    layout = layout_of(env, container)
+    if conmon.read_exit(layout) is not None:
+        await delete_container(env, layout)
+
+
+def watch_exit(env: RuncEnvironment, container: ContainerRecord) -> None:
+    """Watch a container found running after a daemon restart (see ``exit_watch``)."""
+    layout = layout_of(env, container)
+    pid = live_conmon_pid(layout)
+    if pid:
+        env.exits.watch(container.id, pid)
+        # conmon may have exited between the read and the watch; the file says so.
+        if conmon.read_exit(layout) is not None:
+            env.exits.forget(container.id)
+
+
 async def remove(env: RuncEnvironment, container: ContainerRecord) -> None:
+    env.exits.forget(container.id)
     layout = layout_of(env, container)
     await delete_container(env, layout)
-    remove_layout(layout)
+    discard_layout(env, layout)
 
 
 async def status(env: RuncEnvironment, container: ContainerRecord) -> ContainerStatus:
-    """Cheap when nothing changed: an exit file, or a live pid, answers without runc."""
-    layout = layout_of(env, container)
+    """Cheap when nothing changed: a watched live conmon answers from memory, an exit
+    file or a live pid without runc."""
     pid = int(container.extra.get("pid", 0))
+    if container.state == CONTAINER_RUNNING and env.exits.monitor_alive(container.id):
+        return ContainerStatus(state=CONTAINER_RUNNING, pid=pid)
+    layout = layout_of(env, container)
     exited = conmon.read_exit(layout)
     if exited is None and container.state == CONTAINER_RUNNING and process_alive(pid):
         return ContainerStatus(state=CONTAINER_RUNNING, pid=pid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -51,7 +52,9 @@ def shm_size(annotations: dict[str, str]) -> int:
     return int(digits) * multiplier
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # Once per process: find_library spawns `ldconfig -p` (3-10 ms) on every call.
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 

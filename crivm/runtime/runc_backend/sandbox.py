@@ -17,13 +17,14 @@ from crivm.runtime.runc_backend import conmon, spec
 from crivm.runtime.runc_backend.environment import (
     RuncEnvironment,
     delete_container,
+    discard_layout,
     make_layout_dirs,
     remove_layout,
     wait_for_exit,
     write_spec,
 )
 from crivm.runtime.runc_backend.host import move_to_cgroup, remove_cgroup
-from crivm.runtime.runc_backend.oci import process_alive
+from crivm.runtime.runc_backend.oci import OciRuntimeError, process_alive
 from crivm.runtime.runc_backend.pod_files import remove_pod_files, write_pod_files
 from crivm.runtime.store import PodRecord
 from crivm.runtime.undo import UndoSteps
@@ -110,11 +111,16 @@ def _conmon_argv(env: RuncEnvironment, layout: conmon.ContainerLayout, name: str
 async def stop(env: RuncEnvironment, pod: PodRecord) -> None:
     """Kill the pause process; a pod whose infra is gone is already stopped."""
     layout = infra_layout(env, pod.id)
-    state = await env.runtime.state(pod.id)
-    if state is None or state.status == "stopped":
+    if not env.runtime.exists(pod.id) or conmon.read_exit(layout) is not None:
         return
-    if state.status in ("created", "running", "paused"):
+    # No `runc state` first (8-10 ms): a kill that races the infra's exit is checked after.
+    try:
         await env.runtime.kill(pod.id, int(signal.SIGKILL), all_processes=True)
+    except OciRuntimeError:
+        state = await env.runtime.state(pod.id)
+        if state is None or state.status == "stopped":
+            return
+        raise
     if await wait_for_exit(layout, INFRA_STOP_TIMEOUT_S) is None:
         log.warning("infra container of pod %s did not report its exit", pod.id,
                     extra={"pod_id": pod.id})
@@ -125,7 +131,7 @@ async def remove(env: RuncEnvironment, images: ImageService, pod: PodRecord) -> 
     await delete_container(env, layout)
     await images.remove_rootfs(pod.id)
     await asyncio.to_thread(remove_pod_files, env.pod_dir(pod.id))
-    remove_layout(layout)
+    discard_layout(env, layout)
     if pod.extra.get("own_cgroup_parent", True):
         remove_cgroup(pod.extra.get("cgroup_parent") or f"/crivm/pod-{pod.id}", "/crivm")
 

@@ -72,11 +72,18 @@ def _kill_exec(pidfile: str) -> None:
 
 
 async def exec_stream(
-    env: RuncEnvironment, layout: conmon.ContainerLayout, cmd: list[str], stdio: Stdio
+    env: RuncEnvironment,
+    layout: conmon.ContainerLayout,
+    cmd: list[str],
+    stdio: Stdio,
+    known_running: bool = False,
 ) -> int:
-    state = await env.runtime.state(layout.container_id)
-    if state is None or state.status != "running":
-        raise FailedPrecondition(f"container {layout.container_id} is not running")
+    # ``known_running``: the caller's exit watch says so; saves a `runc state` (8-10 ms),
+    # and the runtime refuses to exec in a stopped container either way.
+    if not known_running:
+        state = await env.runtime.state(layout.container_id)
+        if state is None or state.status != "running":
+            raise FailedPrecondition(f"container {layout.container_id} is not running")
     spec = json.loads(Path(layout.bundle, "config.json").read_text())
     process = exec_process(spec["process"], cmd)
     first_size = None
