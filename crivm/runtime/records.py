@@ -1,5 +1,8 @@
 """Finding pods and containers by (possibly truncated) id, and keeping container rows in step
-with what their backend observes. Shared by the CRI call modules."""
+with what their backend observes. Shared by the CRI call modules.
+
+Container rows are read and written through ``containers(daemon)`` (see ``container_view``),
+never through the store directly, so the in-memory view stays in step."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ from crivm.errors import InvalidArgument, NotFound
 from crivm.proto import api_pb2
 from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_EXITED, RuntimeBackend
+from crivm.runtime.container_view import ContainerView
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.store import ContainerRecord, PodRecord
 
 log = logging.getLogger(__name__)
+
+VIEW_COMPONENT = "container_view"
 
 
 def new_id() -> str:
@@ -40,13 +46,24 @@ def require_pod(daemon: Daemon, id_or_prefix: str) -> PodRecord:
     return pod
 
 
+def containers(daemon: Daemon) -> ContainerView:
+    """The daemon's container view, loaded on first use: the backends have reconciled the
+    store by then (they recover before the server takes calls)."""
+    view: ContainerView | None = daemon.components.get(VIEW_COMPONENT)
+    if view is None:
+        view = ContainerView(daemon.store)
+        daemon.components[VIEW_COMPONENT] = view
+    return view
+
+
 def find_container(daemon: Daemon, id_or_prefix: str) -> ContainerRecord | None:
     if not id_or_prefix:
         raise InvalidArgument("a container id is required")
-    exact = daemon.store.get_container(id_or_prefix)
+    view = containers(daemon)
+    exact = view.get(id_or_prefix)
     if exact is not None:
         return exact
-    found = daemon.store.find_containers(id_or_prefix)
+    found = view.find(id_or_prefix)
     if len(found) > 1:
         raise InvalidArgument(f"container id prefix {id_or_prefix!r} is ambiguous")
     return found[0] if found else None
@@ -87,10 +104,9 @@ async def refresh_container(
         "reason": status.reason,
         "message": status.message,
     }
-    daemon.store.update_container(ctr.id, **fields)
+    updated = containers(daemon).update(ctr.id, **fields)
     if status.state == CONTAINER_EXITED:
         events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_STOPPED_EVENT)
     log.info("container %s is now %s", ctr.id, status.state,
              extra={"container_id": ctr.id, "pod_id": pod.id})
-    updated = daemon.store.get_container(ctr.id)
     return updated if updated is not None else ctr

@@ -10,7 +10,7 @@ from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_CREATED, POD_READY, ContainerRequest, ImageSettings
 from crivm.runtime.cri_messages import pod_config
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, new_id, require_pod
+from crivm.runtime.records import backend_of, containers, new_id, require_pod
 from crivm.runtime.store import ContainerRecord, PodRecord, now_ns
 from crivm.runtime.undo import UndoSteps
 
@@ -32,7 +32,7 @@ def _check(daemon: Daemon, pod: PodRecord, config: api_pb2.ContainerConfig) -> N
         raise InvalidArgument("container metadata needs a name")
     if not config.image.image:
         raise InvalidArgument("container config needs an image")
-    for other in daemon.store.list_containers(pod.id):
+    for other in containers(daemon).of_pod(pod.id):
         if other.name == config.metadata.name and other.attempt == config.metadata.attempt:
             raise AlreadyExists(
                 f"container {config.metadata.name} attempt {config.metadata.attempt} exists "
@@ -53,9 +53,10 @@ async def _create(daemon: Daemon, pod: PodRecord, config: api_pb2.ContainerConfi
     )
     log_extra = {"pod_id": pod.id, "container_id": ctr.id}
     backend = backend_of(daemon, pod)
+    view = containers(daemon)
     async with UndoSteps(log_extra) as undo:
-        daemon.store.add_container(ctr)
-        undo.add("delete the container's store row", daemon.store.delete_container, ctr.id)
+        view.add(ctr)
+        undo.add("delete the container's store row", view.delete, ctr.id)
         undo.add("remove the container's rootfs", images.remove_rootfs, ctr.id)
         rootfs = await images.create_rootfs(image.id, ctr.id)
         extra = await backend.create_container(ContainerRequest(
@@ -65,7 +66,7 @@ async def _create(daemon: Daemon, pod: PodRecord, config: api_pb2.ContainerConfi
         undo.add("remove the container", backend.remove_container, pod, ctr)
         digests = image.repo_digests
         extra["image_digest_ref"] = digests[0] if digests else image.id
-        daemon.store.update_container(ctr.id, extra=extra)
+        view.update(ctr.id, extra=extra)
         undo.commit()
     events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_CREATED_EVENT)
     log.info("created container %s (%s) from %s", ctr.id, ctr.name, config.image.image,

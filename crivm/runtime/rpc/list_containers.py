@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 from crivm.proto import api_pb2
-from crivm.runtime.cri_messages import container, container_config, labels_match
+from crivm.runtime.cri_messages import container_config, labels_match
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import refresh_container
+from crivm.runtime.records import containers, refresh_container
+from crivm.runtime.store import PodRecord
 
 
 async def handle(
     daemon: Daemon, request: api_pb2.ListContainersRequest
 ) -> api_pb2.ListContainersResponse:
     wanted = request.filter
-    pods = {pod.id: pod for pod in daemon.store.list_pods()}
-    response = api_pb2.ListContainersResponse()
-    for ctr in daemon.store.list_containers():
+    view = containers(daemon)
+    pods: dict[str, PodRecord | None] = {}
+    items = []
+    for ctr in view.all():
         if wanted.id and not ctr.id.startswith(wanted.id):
             continue
         if wanted.pod_sandbox_id and not ctr.pod_id.startswith(wanted.pod_sandbox_id):
             continue
-        if not labels_match(container_config(ctr).labels, wanted.label_selector):
+        # Parsing the config only for a selector: kubelet lists without one, 200 rows at a time.
+        if wanted.label_selector and not labels_match(
+            container_config(ctr).labels, wanted.label_selector
+        ):
             continue
-        ctr = await refresh_container(daemon, pods[ctr.pod_id], ctr)
-        item = container(ctr)
+        if ctr.pod_id not in pods:
+            pods[ctr.pod_id] = daemon.store.get_pod(ctr.pod_id)
+        pod = pods[ctr.pod_id]
+        if pod is None:  # removed while this call waited on another container's status
+            continue
+        ctr = await refresh_container(daemon, pod, ctr)
+        item = view.message(ctr)
         if wanted.HasField("state") and wanted.state.state != item.state:
             continue
-        response.containers.append(item)
-    return response
+        items.append(item)
+    return api_pb2.ListContainersResponse(containers=items)

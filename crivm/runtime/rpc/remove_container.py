@@ -9,7 +9,7 @@ from crivm.proto import api_pb2
 from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_EXITED
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, find_container, pod_of
+from crivm.runtime.records import backend_of, containers, find_container, pod_of
 from crivm.runtime.store import ContainerRecord, PodRecord
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,6 @@ async def remove_container(daemon: Daemon, pod: PodRecord, ctr: ContainerRecord)
         await backend.stop_container(pod, ctr, 0)
     await backend.remove_container(pod, ctr)
     await daemon.component("images").remove_rootfs(ctr.id)
-    daemon.store.delete_container(ctr.id)
+    containers(daemon).delete(ctr.id)
     events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_DELETED_EVENT)
     log.info("removed container %s", ctr.id, extra={"container_id": ctr.id, "pod_id": pod.id})

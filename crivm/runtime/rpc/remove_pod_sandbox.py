@@ -8,7 +8,7 @@ import logging
 from crivm.proto import api_pb2
 from crivm.runtime import events
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, find_pod
+from crivm.runtime.records import backend_of, containers, find_pod
 from crivm.runtime.rpc.remove_container import remove_container
 from crivm.runtime.rpc.stop_pod_sandbox import stop_pod
 from crivm.runtime.store import PodRecord
@@ -30,9 +30,10 @@ async def handle(
 async def _remove(daemon: Daemon, pod: PodRecord) -> None:
     # Stopping again is cheap and idempotent, and makes sure the network is detached.
     await stop_pod(daemon, pod)
-    for ctr in daemon.store.list_containers(pod.id):
+    for ctr in containers(daemon).of_pod(pod.id):
         await remove_container(daemon, pod, ctr)
     await backend_of(daemon, pod).remove_sandbox(pod)
     events.emit_sandbox(daemon, pod.id, api_pb2.CONTAINER_DELETED_EVENT)
     daemon.store.delete_pod(pod.id)
+    containers(daemon).forget_pod(pod.id)
     log.info("removed pod %s", pod.id, extra={"pod_id": pod.id})

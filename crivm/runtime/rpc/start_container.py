@@ -8,7 +8,7 @@ from crivm.proto import api_pb2
 from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_RUNNING
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, pod_of, require_container
+from crivm.runtime.records import backend_of, containers, pod_of, require_container
 from crivm.runtime.store import now_ns
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ async def handle(
     # finished_at (conmon's exit file) must not precede started_at.
     started_at = now_ns()
     await backend_of(daemon, pod).start_container(pod, ctr)
-    daemon.store.update_container(ctr.id, state=CONTAINER_RUNNING, started_at=started_at)
+    containers(daemon).update(ctr.id, state=CONTAINER_RUNNING, started_at=started_at)
     events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_STARTED_EVENT)
     log.info("started container %s", ctr.id, extra={"container_id": ctr.id, "pod_id": pod.id})
     return api_pb2.StartContainerResponse()

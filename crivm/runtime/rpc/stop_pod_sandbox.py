@@ -12,7 +12,7 @@ from crivm.runtime import events
 from crivm.runtime.backend import CONTAINER_EXITED, POD_NOTREADY
 from crivm.runtime.cri_messages import pod_config
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, find_pod, refresh_container
+from crivm.runtime.records import backend_of, containers, find_pod, refresh_container
 from crivm.runtime.store import PodRecord
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ async def handle(
 async def stop_pod(daemon: Daemon, pod: PodRecord) -> None:
     """Shared with RemovePodSandbox."""
     backend = backend_of(daemon, pod)
-    for ctr in daemon.store.list_containers(pod.id):
+    for ctr in containers(daemon).of_pod(pod.id):
         if ctr.state != CONTAINER_EXITED:
             # kubelet stops containers with their grace period before it stops the pod;
             # whatever still runs now is killed.

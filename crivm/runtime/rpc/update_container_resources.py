@@ -5,7 +5,7 @@ from __future__ import annotations
 from crivm.proto import api_pb2
 from crivm.runtime.cri_messages import container_config
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, pod_of, require_container
+from crivm.runtime.records import backend_of, containers, pod_of, require_container
 
 
 async def handle(
@@ -16,5 +16,5 @@ async def handle(
     await backend_of(daemon, pod).update_resources(pod, ctr, request.linux)
     config = container_config(ctr)
     config.linux.resources.CopyFrom(request.linux)
-    daemon.store.update_container(ctr.id, config=config.SerializeToString())
+    containers(daemon).update(ctr.id, config=config.SerializeToString())
     return api_pb2.UpdateContainerResourcesResponse()
