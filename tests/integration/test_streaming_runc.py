@@ -21,6 +21,7 @@ import subprocess
 import termios
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -247,6 +248,39 @@ async def test_exec_tty_unknown_command_reports_failure(crivm_daemon_deep: Crivm
     # runc reports its failure on the terminal and exits non-zero.
     assert b"no-such-command" in out
     assert status["status"] == "Failure"
+
+
+def runc_execs_of(ctr_id: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"exec" in args and ctr_id.encode() in args:
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+async def test_hung_up_tty_exec_leaves_no_process(crivm_daemon_deep: CrivmDaemon) -> None:
+    daemon = crivm_daemon_deep
+    _, ctr = start_container(daemon, "exec-hangup", ["sleep", "600"])
+    session = await Session.open(
+        exec_url(daemon, ctr, ["sh", "-c", "echo started; exec sleep 321"], tty=True,
+                 stdin=True), stdin=True, tty=True)
+    try:
+        await session.read_until(session.stdout, b"started")
+        assert runc_execs_of(ctr)
+    finally:
+        await session.client.close()
+    deadline = time.monotonic() + 15
+    while True:
+        inside = daemon.cri.exec_sync(ctr, ["ps", "-o", "args"]).stdout.decode()
+        outside = runc_execs_of(ctr)
+        if "sleep 321" not in inside and not outside:
+            break
+        assert time.monotonic() < deadline, (inside, outside)
+        await asyncio.sleep(0.3)
 
 
 # -- crictl exec -it on a terminal ----------------------------------------------------------
