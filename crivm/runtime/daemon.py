@@ -49,6 +49,10 @@ class Daemon:
             services = BackendServices(store=store, components=daemon.components)
             for backend in daemon.handlers.backends.values():
                 await backend.recover(services)
+                # Closed before the components they use (the stack unwinds in reverse).
+                closer = getattr(backend, "close", None)
+                if closer is not None:
+                    daemon._exit_stack.push_async_callback(closer)
         except BaseException:
             await daemon._exit_stack.aclose()
             raise
