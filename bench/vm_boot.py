@@ -179,7 +179,7 @@ def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: Buil
         f"{runs} runs per row, medians with min-max).",
         f"Guest: kernel {image.kernel_version}, initrd {image.initrd_bytes / 2**20:.1f} MiB "
         f"({image.compression}), 1 vCPU, 256 MiB, TCG translation cache {tb_size_mb} MiB, "
-        "virtio-fs + virtio-serial + virtio-rng devices.",
+        "virtio-fs + virtio-serial + virtio-rng + virtio-balloon (free page reporting) devices.",
         "",
         "| machine | floor: init runs | floor: QEMU exits | image: init done "
         "| image: agent listening | image: agent answers Check | ready minus floor init |",
@@ -200,8 +200,8 @@ def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: Buil
         "that holds only a static busybox. Its init prints a line and runs `poweroff -f`. The "
         "image columns are the guest image's `crivm-guest: init done` line, the agent's "
         "`serving on` log line (both read from the console log), and the first agent `Check` "
-        "answered over virtio-serial through `AgentClient.wait_ready`, which polls with "
-        "backoff. The gap above the floor comes from unpacking a larger initramfs, loading "
+        "answered over virtio-serial through `AgentClient.wait_ready`, which retries at most "
+        "0.2 s apart. The gap above the floor comes from unpacking a larger initramfs, loading "
         "modules, starting Python and importing the agent. Under TCG all of that is emulated.",
         "",
     ]
