@@ -35,7 +35,7 @@ def test_vm_pod_boots_and_goes(vm_daemon: VmCrivmDaemon, busybox_image: PushedIm
     print(f"VM pod ready in {time.monotonic() - started:.1f} s")
     status = cri.pod_status(pod_id).status
     assert status.state == api_pb2.SANDBOX_READY
-    assert status.network.ip.startswith("10.91.")
+    assert status.network.ip.startswith(vm_daemon.subnet_prefix)
     cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     assert cri.pod_status(pod_id).status.state == api_pb2.SANDBOX_NOTREADY
     cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
