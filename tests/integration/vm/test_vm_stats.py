@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from crivm.proto import api_pb2
 from tests.fixtures.images import PushedImage
-from tests.fixtures.vm_daemon import VM_TEST_BRIDGE, VM_TEST_GATEWAY, VmCrivmDaemon
+from tests.fixtures.vm_daemon import VmCrivmDaemon
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.runc, pytest.mark.registry,
               pytest.mark.timeout(400)]
@@ -58,6 +57,16 @@ def pod_stats(daemon: VmCrivmDaemon, pod_id: str) -> api_pb2.PodSandboxStats:
     )
     stats: api_pb2.PodSandboxStats = reply.stats
     return stats
+
+
+def guest_gateway(daemon: VmCrivmDaemon, ctr_id: str) -> str:
+    """The default gateway as the guest sees it (the fixture picks the pod network)."""
+    routes = daemon.cri.exec_sync(ctr_id, ["ip", "route"], timeout=30).stdout.decode()
+    for line in routes.splitlines():
+        words = line.split()
+        if words[:2] == ["default", "via"]:
+            return words[2]
+    raise AssertionError(f"no default route in the guest:\n{routes}")
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -111,11 +120,11 @@ def test_vm_container_and_pod_stats(vm_daemon: VmCrivmDaemon,
     assert 0.2e9 <= nano_cores <= 1.2e9, second.cpu
 
     before = pod_stats(vm_daemon, pod_id).linux.network.default_interface
-    # The guest sends through the pod's veth, whether or not the gateway answers: the test
-    # bridge is shared with other sessions' VM tests, whose teardown may delete it under us.
-    pinged = cri.exec_sync(hog_id, ["ping", "-c", "3", "-W", "3", VM_TEST_GATEWAY], timeout=60)
-    bridge_up = Path("/sys/class/net", VM_TEST_BRIDGE).is_dir()
-    print(f"ping from the guest: exit {pinged.exit_code}, {VM_TEST_BRIDGE} there: {bridge_up}")
+    # What the guest sends goes out of the pod's veth whether or not the gateway answers
+    # (a bridge shared with other sessions' VM tests was once deleted under a run).
+    gateway = guest_gateway(vm_daemon, hog_id)
+    pinged = cri.exec_sync(hog_id, ["ping", "-c", "3", "-W", "3", gateway], timeout=60)
+    print(f"ping from the guest: exit {pinged.exit_code}")
     pod = pod_stats(vm_daemon, pod_id)
     linux = pod.linux
     print(f"pod: cpu {linux.cpu.usage_core_nano_seconds.value / 1e9:.1f} core-s, "
