@@ -179,7 +179,7 @@ def report(results: dict[str, Samples], runs: int, accel: AccelKind, image: Buil
         f"{runs} runs per row, medians with min-max).",
         f"Guest: kernel {image.kernel_version}, initrd {image.initrd_bytes / 2**20:.1f} MiB "
         f"({image.compression}), 1 vCPU, 256 MiB, TCG translation cache {tb_size_mb} MiB, "
-        "virtio-fs + virtio-serial + virtio-rng + virtio-balloon (free page reporting) devices.",
+        "virtio-fs + virtio-serial + virtio-rng devices.",
         "",
         "| machine | floor: init runs | floor: QEMU exits | image: init done "
         "| image: agent listening | image: agent answers Check | ready minus floor init |",

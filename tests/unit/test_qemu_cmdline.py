@@ -169,9 +169,9 @@ def test_rng_optional_and_pidfile() -> None:
 
 
 def test_balloon_with_free_page_reporting_per_machine() -> None:
-    without = build_argv("qemu", _config(balloon=None))
+    without = build_argv("qemu", _config())
     assert not any(d.startswith("virtio-balloon") for d in _values(without, "-device"))
-    q35 = build_argv("qemu", _config())
+    q35 = build_argv("qemu", _config(balloon=Balloon()))
     assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in _values(q35, "-device")
     microvm = build_argv("qemu", _config(machine=Machine("microvm", "tcg"), balloon=Balloon()))
     assert "virtio-balloon-device,id=balloon0,free-page-reporting=on" in _values(microvm,

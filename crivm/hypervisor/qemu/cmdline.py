@@ -246,8 +246,9 @@ class VmConfig:
     networks: tuple[TapNetwork, ...] = ()
     rng: Rng | None = field(default_factory=Rng)
     # Free page reporting returns what the guest freed (its initramfs copy, exited processes):
-    # about 30 MiB less host memory per idle pod (bench/vm_memory.py).
-    balloon: Balloon | None = field(default_factory=Balloon)
+    # about 30 MiB less host memory per idle VM (bench/vm_memory.py). Opt-in: with it on, a
+    # pod's virtio-net lost most frames the tap passed to QEMU (see the vm supervisor).
+    balloon: Balloon | None = None
     extra_kernel_args: tuple[str, ...] = ()
     pidfile: str | None = None
     sandbox: bool = True
