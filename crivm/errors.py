@@ -8,79 +8,77 @@ class, never by message text.
 
 from __future__ import annotations
 
-import grpc
-
 
 class CrivmError(Exception):
     """Base of every error crivm raises on purpose. Maps to INTERNAL unless a subclass says."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
 
 class InvalidArgument(CrivmError):
     """The request is malformed or names something impossible."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(CrivmError):
     """The named pod, container, image, handler or blob does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class AlreadyExists(CrivmError):
     """An object with that name or id already exists."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(CrivmError):
     """The object is in the wrong state for the call (e.g. starting a running container)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class Unavailable(CrivmError):
     """A dependency (registry, agent, hypervisor) cannot be reached right now."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class DeadlineExceeded(CrivmError):
     """An operation ran past its timeout (a stalled pull, a VM that never boots)."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unauthenticated(CrivmError):
     """A registry refused the credentials, or none were given where some are needed."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(CrivmError):
     """The caller or the host does not allow the operation."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = "PERMISSION_DENIED"
 
 
 class ResourceExhausted(CrivmError):
     """A size limit was hit (an oversized frame, exec output past its cap)."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unimplemented(CrivmError):
     """The call or option is not built yet. Never answer a fake success instead."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = "UNIMPLEMENTED"
 
 
 class ConfigError(CrivmError):
     """The configuration file is wrong. The message names the file, the key and the problem."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, path: str, key: str, problem: str) -> None:
         super().__init__(f"{path}: {key}: {problem}")
@@ -92,4 +90,4 @@ class ConfigError(CrivmError):
 class StoreError(CrivmError):
     """The state store could not complete a transaction; it was rolled back."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = "INTERNAL"

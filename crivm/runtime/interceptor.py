@@ -109,9 +109,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise InvalidArgument(f"malformed {method} request: {request.error}")
             yield
         except CrivmError as exc:
-            code = exc.code.name
+            code = exc.code
             log.warning("%s failed: %s: %s", method, code, exc)
-            await context.abort(exc.code, str(exc))
+            await context.abort(grpc.StatusCode[code], str(exc))
         except Exception as exc:
             if _is_abort(exc):
                 raise

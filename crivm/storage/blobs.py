@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-import grpc
-
 from crivm.errors import CrivmError
 from crivm.storage.reference import validate_digest
 
@@ -22,7 +20,7 @@ from crivm.storage.reference import validate_digest
 class DigestMismatch(CrivmError):
     """Content did not hash to the digest that names it; it was thrown away."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    code = "DATA_LOSS"
 
 
 class BlobWriter:

@@ -31,8 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from crivm.errors import CrivmError, PermissionDenied, Unimplemented
 
 log = logging.getLogger(__name__)
@@ -53,7 +51,7 @@ class UnsafeLayer(PermissionDenied):
 class CorruptLayer(CrivmError):
     """The layer is not a readable tar stream (truncated, bad header, bad compression)."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    code = "DATA_LOSS"
 
 
 @dataclass(frozen=True)
