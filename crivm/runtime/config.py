@@ -52,7 +52,7 @@ class RuntimeHandler:
     memory_overhead_mb: int = 128
     boot_timeout_s: float = 120.0
     # TCG translation cache in MiB; 0 leaves QEMU's default (up to 1 GiB, filled as the guest
-    # runs new code). 32 boots the guest image as fast as 64 and saves ~28 MiB of host memory
+    # runs new code). 32 boots the guest image as fast as 64 and saves 17-28 MiB of host memory
     # per idle pod; 16 makes TCG flush during boot and is ~60% slower (docs/performance.md).
     tcg_tb_size_mb: int = 32
 
