@@ -18,7 +18,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from crivm.agent import oci_spec, process_io
+from crivm.agent import oci_spec, process_io, stats
 from crivm.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -175,12 +175,16 @@ class Containers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, sig)
 
-    async def wait(self, container_id: str, exec_id: str) -> tuple[int, int]:
+    async def wait(self, container_id: str, exec_id: str) -> tuple[int, int, bool]:
+        """(exit code, signal, whether the container's cgroup saw an OOM kill) once the
+        process exited. The OOM answer is only for the init process, as conmon's is."""
         process = self.process(container_id, exec_id)
         if process.exited is None:
             raise FailedPrecondition(f"process {process.describe()} never ran")
         # Output may still be buffered here: the host reads it to end of file on its own.
-        return exit_code_of(await asyncio.shield(process.exited))
+        code, signum = exit_code_of(await asyncio.shield(process.exited))
+        oom = not exec_id and stats.oom_killed(self.cgroup_path(container_id))
+        return code, signum, oom
 
     async def remove(self, container_id: str, grace_seconds: float) -> None:
         container = self._containers.get(container_id)

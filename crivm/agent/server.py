@@ -108,8 +108,8 @@ class AgentService:
         return pb.SignalProcessResponse()
 
     async def WaitProcess(self, request: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
-        code, signal = await self._containers.wait(request.container_id, request.exec_id)
-        return pb.WaitProcessResponse(exit_code=code, signal=signal)
+        code, signal, oom = await self._containers.wait(request.container_id, request.exec_id)
+        return pb.WaitProcessResponse(exit_code=code, signal=signal, oom_killed=oom)
 
     # ------------------------------------------------------------------------ stdio
 

@@ -36,6 +36,19 @@ def container_stats(cgroup_path: str, root: str = CGROUP_ROOT) -> agent_pb2.Stat
     return stats
 
 
+def oom_killed(cgroup_path: str, root: str = CGROUP_ROOT) -> bool:
+    """Whether the OOM killer has killed a process in the cgroup since it was made.
+
+    The cgroup outlives its processes until runc deletes the container, so this still answers
+    after the init process exited. Kernels before 4.13 (v1) lack the counter: False."""
+    relative = cgroup_path.lstrip("/")
+    if cgroup_version(root) == 2:
+        events = _keyed(os.path.join(root, relative, "memory.events"))
+    else:
+        events = _keyed(os.path.join(root, "memory", relative, "memory.oom_control"))
+    return events.get("oom_kill", 0) > 0
+
+
 def network_stats(proc_net_dev: str = "/proc/net/dev") -> list[agent_pb2.NetworkStats]:
     """Counters of every interface but loopback. Containers share the guest's network."""
     result = []

@@ -1,7 +1,8 @@
 """What the shim CLI reads from a VM container's bundle (``config.json``).
 
-The daemon writes the guest-side OCI spec into the bundle and adds three annotations that tell
-the CLI how to reach the pod's agent and where the rootfs is inside the guest. The agent
+The daemon writes the guest-side OCI spec into the bundle and adds annotations that tell the
+CLI how to reach the pod's agent, where the rootfs is inside the guest, and where conmon would
+drop its ``oom`` marker (conmon watches the shim's host cgroup, which never runs out). The agent
 receives the same spec; it ignores annotations it does not know.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 ANNOTATION_AGENT_SOCKET = "io.crivm.vm.agent-socket"
 ANNOTATION_GUEST_ROOTFS = "io.crivm.vm.guest-rootfs"
 ANNOTATION_STDIN = "io.crivm.vm.stdin"
+ANNOTATION_OOM_FILE = "io.crivm.vm.oom-file"
 
 
 class BundleError(Exception):
@@ -29,6 +31,7 @@ class Bundle:
     guest_rootfs: str
     terminal: bool
     stdin: bool
+    oom_file: str  # "" when the daemon named none
 
     @property
     def spec_json(self) -> bytes:
@@ -54,4 +57,5 @@ def load_bundle(path: str) -> Bundle:
         guest_rootfs=annotations[ANNOTATION_GUEST_ROOTFS],
         terminal=bool(spec.get("process", {}).get("terminal", False)),
         stdin=annotations.get(ANNOTATION_STDIN, "false") == "true",
+        oom_file=annotations.get(ANNOTATION_OOM_FILE, ""),
     )

@@ -117,7 +117,7 @@ def cmd_create(args: Namespace) -> int:
     try:
         terminal = _terminal_for(args.console_socket, bundle.terminal)
         target = ShimTarget(bundle.agent_socket, args.container_id, "", bundle.terminal,
-                            bundle.stdin)
+                            bundle.stdin, bundle.oom_file)
         pid = _start_shim(target, terminal)
         state_mod.save(args.root, ContainerState(
             id=args.container_id, bundle=bundle.path, agent_socket=bundle.agent_socket,

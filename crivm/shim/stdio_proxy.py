@@ -41,6 +41,8 @@ class ShimTarget:
     exec_id: str  # "" for the container's init process
     terminal: bool
     stdin: bool
+    # Where to mark an OOM kill in the guest for the daemon, as conmon would; "" for none.
+    oom_file: str = ""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -139,7 +141,10 @@ class Shim:
         if t.terminal:
             on_signal(signal.SIGWINCH)
         try:
-            code, _ = await self.agent.wait_process(t.container_id, t.exec_id)
+            reply = await self.agent.wait_process_reply(t.container_id, t.exec_id)
+            code = reply.exit_code
+            if reply.oom_killed and t.oom_file:
+                _mark_oom(t.oom_file)
         except CrivmError as exc:
             print(f"crivm-shim: lost the process in the VM: {exc}", file=sys.stderr)
             code = LOST_EXIT_CODE
@@ -151,6 +156,15 @@ class Shim:
         with contextlib.suppress(CrivmError):
             await self.agent.close()
         return code
+
+
+def _mark_oom(path: str) -> None:
+    """Create the empty marker conmon creates; it must exist before we exit, since conmon
+    writes the exit file as soon as we do and status reads both together."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    except OSError as exc:
+        print(f"crivm-shim: cannot mark the OOM kill in {path}: {exc.strerror}", file=sys.stderr)
 
 
 def run_shim(target: ShimTarget) -> int:

@@ -163,9 +163,15 @@ class AgentClient:
         self, container_id: str, exec_id: str = "", time_limit: float | None = None
     ) -> tuple[int, int]:
         """(exit code, signal) once the process exits. No deadline unless one is given."""
-        request = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
-        reply = await self._call("WaitProcess", request, pb.WaitProcessResponse, time_limit)
+        reply = await self.wait_process_reply(container_id, exec_id, time_limit)
         return reply.exit_code, reply.signal
+
+    async def wait_process_reply(
+        self, container_id: str, exec_id: str = "", time_limit: float | None = None
+    ) -> pb.WaitProcessResponse:
+        """The whole reply, with the OOM verdict too, once the process exits."""
+        request = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
+        return await self._call("WaitProcess", request, pb.WaitProcessResponse, time_limit)
 
     # ------------------------------------------------------------------------ stdio
 

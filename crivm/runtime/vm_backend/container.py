@@ -33,6 +33,7 @@ from crivm.runtime.vm_backend.sandbox import VmEnvironment, guest_pod_file
 from crivm.shim.bundle import (
     ANNOTATION_AGENT_SOCKET,
     ANNOTATION_GUEST_ROOTFS,
+    ANNOTATION_OOM_FILE,
     ANNOTATION_STDIN,
 )
 from crivm.shim.vm_spec import GUEST_SHARED_DIR
@@ -120,6 +121,8 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
     log_path = container_log_path(request.pod_config, config.log_path)
     layout = env.layout(ctr.id, log_path or os.path.join(env.root, "oci", ctr.id, "console.log"))
     container_spec = guest_spec(request, env, paths.mux_socket)
+    # The shim marks an OOM kill in the guest where conmon would, so status reads it alike.
+    container_spec["annotations"][ANNOTATION_OOM_FILE] = layout.oom_file
     async with UndoSteps(extra) as undo:
         undo.add("unbind the container's shared files", shared_dir.unbind_tree, host_dir)
         await shared_dir.bind_async(request.rootfs, os.path.join(host_dir, "rootfs"))

@@ -213,6 +213,8 @@ def test_runc_and_vm_pods_side_by_side_and_trust_annotations(
     cri.start(hog_id)
     killed = cri.wait_exited(hog_id, timeout_s=120)
     assert killed.exit_code == 137, read_log(config, "hog")
+    # Told by the agent, since the shim's host cgroup never runs out: as for runc containers.
+    assert killed.reason == "OOMKilled"
     # The fixture's teardown removes the pods through the CRI and runs the leak check.
 
 
