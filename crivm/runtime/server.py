@@ -45,13 +45,18 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     server.add_generic_rpc_handlers(tuple(servicer.generic_handlers(daemon, interceptor.wrap)))
     # Create the socket with no access for others, then widen to 0660: no window in
     # which another user could connect.
+    # The socket is bound under a temporary name and renamed into place once the server
+    # listens, so its appearance means "ready": nobody connects to a bound, unlistened socket.
+    binding = socket_path.with_name(f".{socket_path.name}.binding")
+    binding.unlink(missing_ok=True)
     old_umask = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix://{socket_path}")
+        server.add_insecure_port(f"unix://{binding}")
         await server.start()
     finally:
         os.umask(old_umask)
-    os.chmod(socket_path, 0o660)
+    os.chmod(binding, 0o660)
+    os.rename(binding, socket_path)
     log.info("crivm serving CRI runtime.v1 on %s", socket_path)
 
     stop = asyncio.Event()
