@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -32,6 +33,14 @@ class Readiness:
     ok: bool
     reason: str = ""
     message: str = ""
+
+
+def binaries_readiness(binaries: Iterable[tuple[str, str]]) -> Readiness:
+    """Ready unless one of the (what, path) executables a backend runs is missing."""
+    for what, path in binaries:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return Readiness(False, "RuntimeBinaryMissing", f"{what} {path} is not installed")
+    return Readiness(True)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from crivm.runtime.backend import (
     HandlerFeatures,
     Readiness,
     SandboxRequest,
+    binaries_readiness,
 )
 from crivm.runtime.config import Config, RuntimeHandler
 from crivm.runtime.runc_backend import container, exec_sync, sandbox, stream_io
@@ -48,11 +49,8 @@ class RuncBackend:
         self._env: RuncEnvironment | None = None
 
     def readiness(self) -> Readiness:
-        for what, path in (("OCI runtime", self.handler.runtime_path),
-                           ("conmon", self.config.conmon_path)):
-            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-                return Readiness(False, "RuntimeBinaryMissing", f"{what} {path} is not installed")
-        return Readiness(True)
+        return binaries_readiness((("OCI runtime", self.handler.runtime_path),
+                                   ("conmon", self.config.conmon_path)))
 
     def features(self) -> HandlerFeatures:
         return HandlerFeatures()
@@ -86,15 +84,12 @@ class RuncBackend:
             root=self.config.root,
             host=probe_host(),
         )
-        # Nothing is being deleted yet; what is in the trash a crash left behind.
-        await asyncio.to_thread(self._env.trash.sweep)
+        await self._env.open()
         await self._reconcile(services)
 
     async def close(self) -> None:
-        """Wait for the bundle deletions still running in the background."""
         if self._env is not None:
-            self._env.exits.close()
-            await self._env.trash.drain()
+            await self._env.close()
 
     async def _reconcile(self, services: BackendServices) -> None:
         """Containers that exited while the daemon was down become exited in the store."""

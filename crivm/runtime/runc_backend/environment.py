@@ -45,6 +45,15 @@ class RuncEnvironment:
         ))
         object.__setattr__(self, "exits", ExitWatches())
 
+    async def open(self) -> None:
+        """Nothing is being deleted yet: what is in the trash a crash left behind."""
+        await asyncio.to_thread(self.trash.sweep)
+
+    async def close(self) -> None:
+        """Stop the exit watches and wait for the bundle deletions still running."""
+        self.exits.close()
+        await self.trash.drain()
+
     def layout(self, container_id: str, log_path: str) -> ContainerLayout:
         return ContainerLayout.under(self.runroot, self.root, container_id, log_path)
 

@@ -27,6 +27,7 @@ from crivm.runtime.backend import (
     HandlerFeatures,
     Readiness,
     SandboxRequest,
+    binaries_readiness,
 )
 from crivm.runtime.config import Config, RuntimeHandler
 from crivm.runtime.runc_backend import container as runc_container
@@ -54,19 +55,16 @@ class VmBackend:
         self._vm: VmEnvironment | None = None
         self._oci: RuncEnvironment | None = None
 
-    def _guest_files(self) -> tuple[str, str]:
-        guest_dir = os.path.join(self.config.root, "guest")
-        return (self.handler.kernel or os.path.join(guest_dir, "vmlinuz"),
-                self.handler.initrd or os.path.join(guest_dir, "initrd.img"))
-
     def readiness(self) -> Readiness:
-        binaries = (("QEMU", self.handler.qemu_path), ("virtiofsd", self.handler.virtiofsd_path),
-                    ("conmon", self.config.conmon_path))
-        for what, path in binaries:
-            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-                return Readiness(False, "RuntimeBinaryMissing", f"{what} {path} is not installed")
-        for path in self._guest_files():
-            if not os.path.isfile(path):
+        binaries = binaries_readiness((
+            ("QEMU", self.handler.qemu_path), ("virtiofsd", self.handler.virtiofsd_path),
+            ("conmon", self.config.conmon_path),
+        ))
+        if not binaries.ok:
+            return binaries
+        for path in (self.config.guest_kernel(self.handler),
+                     self.config.guest_initrd(self.handler)):
+            if not path.is_file():
                 return Readiness(False, "GuestImageMissing",
                                  f"{path} is missing; run `crivm guest-image build`")
         return Readiness(True)
@@ -93,7 +91,9 @@ class VmBackend:
         self._services = services
         runroot = self.config.runroot
         accel = await choose_accel(self.handler.accel, self.handler.qemu_path, Path(runroot))
-        self._vm = VmEnvironment(self.name, self.handler, runroot, self.config.root, accel)
+        self._vm = VmEnvironment(self.name, self.handler, runroot, accel,
+                                 kernel=str(self.config.guest_kernel(self.handler)),
+                                 initrd=str(self.config.guest_initrd(self.handler)))
         shim = shim_launcher.write_launcher(os.path.join(runroot, "vm", "bin"))
         self._oci = RuncEnvironment(
             handler=self.name,
@@ -104,7 +104,12 @@ class VmBackend:
             root=self.config.root,
             host=probe_host(),
         )
+        await self._oci.open()
         await self._reconcile(services)
+
+    async def close(self) -> None:
+        if self._oci is not None:
+            await self._oci.close()
 
     async def _reconcile(self, services: BackendServices) -> None:
         """After a restart: VMs whose supervisor is gone count as stopped, and containers

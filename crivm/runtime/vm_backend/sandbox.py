@@ -55,8 +55,10 @@ class VmEnvironment:
     handler_name: str
     handler: RuntimeHandler
     runroot: str
-    root: str
     accel: str
+    # The guest image, resolved once from the handler (or `crivm guest-image build`'s output).
+    kernel: str
+    initrd: str
 
     def pod_paths(self, pod_id: str) -> PodPaths:
         # unix socket paths must fit in 108 bytes; a prefix of the random id is unique enough
@@ -204,8 +206,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
         spec = VmSpec(
             name=pod_id, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
             virtiofsd_path=handler.virtiofsd_path,
-            kernel=handler.kernel or os.path.join(env.root, "guest", "vmlinuz"),
-            initrd=handler.initrd or os.path.join(env.root, "guest", "initrd.img"),
+            kernel=env.kernel, initrd=env.initrd,
             machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
             vcpus=vcpus, memory_mb=memory_mb,
             tap_name=net.tap_name if net else "", mac=net.mac if net else "",
