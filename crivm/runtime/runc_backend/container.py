@@ -132,14 +132,40 @@ def _pod_namespaces(
     )
 
 
+def request_layout(env: RuncEnvironment, request: ContainerRequest) -> conmon.ContainerLayout:
+    """Where a container's bundle, exit file and log go (the log where kubelet asked)."""
+    ctr_id = request.container.id
+    log_path = container_log_path(request.pod_config, request.config.log_path)
+    return env.layout(ctr_id, log_path or os.path.join(env.root, "oci", ctr_id, "console.log"))
+
+
+async def spawn_under_conmon(
+    env: RuncEnvironment, undo: UndoSteps, layout: conmon.ContainerLayout,
+    container_spec: dict[str, Any], config: api_pb2.ContainerConfig,
+) -> int:
+    """Write the bundle and have conmon create the container through the handler's runtime
+    (runc, or crivm-shim for VM containers); each step registers its undo."""
+    undo.add("remove the container bundle", remove_layout, layout)
+    make_layout_dirs(layout)
+    write_spec(layout, container_spec)
+    undo.add("delete the container", delete_container, env, layout)
+    return await conmon.spawn(conmon.conmon_argv(
+        conmon_path=env.conmon_path,
+        runtime_path=env.runtime.runtime_path,
+        runtime_args=env.runtime.global_args,
+        layout=layout,
+        name=config.metadata.name,
+        stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
+    ), cwd=layout.bundle)
+
+
 async def create(
     env: RuncEnvironment, request: ContainerRequest, target: ContainerRecord | None
 ) -> dict[str, Any]:
     ctr = request.container
     config = request.config
     extra = {"pod_id": request.pod.id, "container_id": ctr.id}
-    log_path = container_log_path(request.pod_config, config.log_path)
-    layout = env.layout(ctr.id, log_path or os.path.join(env.root, "oci", ctr.id, "console.log"))
+    layout = request_layout(env, request)
     user, group, supplemental = spec.user_request(config, request.image)
     process_user = resolve_user(
         user, group, supplemental,
@@ -162,19 +188,8 @@ async def create(
         host=env.host,
     )
     async with UndoSteps(extra) as undo:
-        undo.add("remove the container bundle", remove_layout, layout)
-        make_layout_dirs(layout)
         _ensure_mount_sources(list(config.mounts))
-        write_spec(layout, container_spec)
-        undo.add("delete the container", delete_container, env, layout)
-        pid = await conmon.spawn(conmon.conmon_argv(
-            conmon_path=env.conmon_path,
-            runtime_path=env.runtime.runtime_path,
-            runtime_args=env.runtime.global_args,
-            layout=layout,
-            name=config.metadata.name,
-            stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
-        ), cwd=layout.bundle)
+        pid = await spawn_under_conmon(env, undo, layout, container_spec, config)
         conmon_pid = conmon.read_pid(layout.conmon_pidfile)
         move_to_cgroup(conmon_pid, request.pod.extra["cgroup_parent"])
         undo.commit()

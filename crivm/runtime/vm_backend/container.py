@@ -16,14 +16,10 @@ from typing import Any
 
 from crivm.proto import api_pb2
 from crivm.runtime.backend import ContainerRequest
-from crivm.runtime.runc_backend import conmon, spec
-from crivm.runtime.runc_backend.container import container_log_path
+from crivm.runtime.runc_backend import spec
+from crivm.runtime.runc_backend.container import request_layout, spawn_under_conmon
 from crivm.runtime.runc_backend.environment import (
     RuncEnvironment,
-    delete_container,
-    make_layout_dirs,
-    remove_layout,
-    write_spec,
 )
 from crivm.runtime.runc_backend.passwd import resolve_user
 from crivm.runtime.store import ContainerRecord, PodRecord
@@ -118,8 +114,7 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
     extra = {"pod_id": request.pod.id, "container_id": ctr.id}
     paths = vm.pod_paths(request.pod.id)
     host_dir = os.path.join(paths.shared_dir, ctr.id)
-    log_path = container_log_path(request.pod_config, config.log_path)
-    layout = env.layout(ctr.id, log_path or os.path.join(env.root, "oci", ctr.id, "console.log"))
+    layout = request_layout(env, request)
     container_spec = guest_spec(request, env, paths.mux_socket)
     # The shim marks an OOM kill in the guest where conmon would, so status reads it alike.
     container_spec["annotations"][ANNOTATION_OOM_FILE] = layout.oom_file
@@ -131,18 +126,7 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
                 source, os.path.join(host_dir, "volumes", str(index)), readonly=readonly,
                 directory=os.path.isdir(source),
             )
-        undo.add("remove the container bundle", remove_layout, layout)
-        make_layout_dirs(layout)
-        write_spec(layout, container_spec)
-        undo.add("delete the container", delete_container, env, layout)
-        pid = await conmon.spawn(conmon.conmon_argv(
-            conmon_path=env.conmon_path,
-            runtime_path=env.runtime.runtime_path,
-            runtime_args=env.runtime.global_args,
-            layout=layout,
-            name=config.metadata.name,
-            stdio=conmon.Stdio(tty=config.tty, stdin=config.stdin, stdin_once=config.stdin_once),
-        ), cwd=layout.bundle)
+        pid = await spawn_under_conmon(env, undo, layout, container_spec, config)
         undo.commit()
     log.info("created VM container %s (shim pid %d)", ctr.id, pid, extra=extra)
     user = container_spec["process"]["user"]
