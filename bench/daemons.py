@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from crivm.netbridge.cni_config import conflist_on
 from crivm.proto import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,28 +47,7 @@ class DaemonError(Exception):
 
 def write_conflist(conf_dir: Path, ipam_dir: Path) -> Path:
     """The one CNI network both runtimes use: bridge + portmap + firewall + tuning."""
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": BENCH_BRIDGE,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BENCH_BRIDGE,
-                "isGateway": True,
-                "ipMasq": True,
-                "hairpinMode": True,
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": str(ipam_dir),
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "ranges": [[{"subnet": BENCH_SUBNET, "gateway": BENCH_GATEWAY}]],
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-            {"type": "firewall", "backend": "iptables"},
-            {"type": "tuning"},
-        ],
-    }
+    conflist = conflist_on(BENCH_BRIDGE, BENCH_SUBNET, BENCH_GATEWAY, str(ipam_dir))
     conf_dir.mkdir(parents=True, exist_ok=True)
     path = conf_dir / f"10-{BENCH_BRIDGE}.conflist"
     path.write_text(json.dumps(conflist, indent=2))

@@ -170,6 +170,19 @@ def default_conflist() -> dict[str, Any]:
     return data
 
 
+def conflist_on(bridge: str, subnet: str, gateway: str, ipam_dir: str,
+                name: str = "") -> dict[str, Any]:
+    """The default network moved onto a bridge, subnet and host-local state dir of its own,
+    so tests, benchmarks and critest runs never share addresses with a live daemon."""
+    conf = default_conflist()
+    conf["name"] = name or bridge
+    plugin = conf["plugins"][0]
+    plugin["bridge"] = bridge
+    plugin["ipam"]["dataDir"] = ipam_dir
+    plugin["ipam"]["ranges"] = [[{"subnet": subnet, "gateway": gateway}]]
+    return conf
+
+
 def default_conflist_text() -> str:
     """The default conflist file content, pretty-printed with a trailing newline."""
     return json.dumps(default_conflist(), indent=2) + "\n"
