@@ -18,8 +18,8 @@ import pytest
 from crivm.hypervisor.qemu.cmdline import VirtioFs
 from crivm.proto import agent_pb2 as pb
 from crivm.runtime.vm_backend.agent_client import AgentClient
-from tests.fixtures.agent import busybox_rootfs, default_spec
-from tests.fixtures.guest import BOOT_TIMEOUT_S, VmFactory, processes_mentioning
+from tests.fixtures.agent import busybox_rootfs, default_spec, processes_mentioning
+from tests.fixtures.guest import BOOT_TIMEOUT_S, VmFactory
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.runc, pytest.mark.timeout(500)]
 

@@ -21,7 +21,8 @@ from crivm.guestimage.build import BuildResult, build
 from crivm.guestimage.init_script import INIT_DONE_MARKER
 from crivm.hypervisor.qemu.cmdline import VirtioFs, VirtioSerialAgent, hotplug_port_id
 from crivm.runtime.vm_backend.agent_client import AgentClient
-from tests.fixtures.guest import BOOT_TIMEOUT_S, GUEST_CACHE, VmFactory, processes_mentioning
+from tests.fixtures.agent import processes_mentioning
+from tests.fixtures.guest import BOOT_TIMEOUT_S, GUEST_CACHE, VmFactory
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.timeout(400)]
 
