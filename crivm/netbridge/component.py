@@ -67,15 +67,30 @@ class PodNetworkService:
 
     async def attach(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> PodAttachment:
         """Create and pin the pod's netns, then CNI ADD. On failure nothing is left."""
+        netns_path = await self.create_namespace(pod_id)
+        try:
+            ips = await self.add(pod_id, config, netns_path)
+        except BaseException:
+            await netns.remove_netns(netns_path)
+            raise
+        return PodAttachment(netns_path=netns_path, ips=ips)
+
+    async def create_namespace(self, pod_id: str) -> str:
+        """Create and pin the pod's netns (empty: loopback only) and return its path.
+
+        ``attach`` in two steps, for a caller that starts the pod's infrastructure in the
+        netns while ``add`` runs; that caller undoes both with ``detach``.
+        """
         self._detached.pop(pod_id, None)
         ns = await netns.create_netns(pod_id, self.netns_dir)
-        try:
-            result = await self.cni.add(self._pod_network(pod_id, config, ns.path))
-        except BaseException:
-            await netns.remove_netns(ns.path)
-            raise
-        ips = tuple(str(ip.ip) for ip in result.pod_ips())
-        return PodAttachment(netns_path=ns.path, ips=ips)
+        return ns.path
+
+    async def add(
+        self, pod_id: str, config: api_pb2.PodSandboxConfig, netns_path: str
+    ) -> tuple[str, ...]:
+        """CNI ADD into the pod's netns; the pod's addresses, IPv4 first."""
+        result = await self.cni.add(self._pod_network(pod_id, config, netns_path))
+        return tuple(str(ip.ip) for ip in result.pod_ips())
 
     async def check(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> None:
         await self.cni.check(self._pod_network(pod_id, config, self._netns_path(pod_id)))

@@ -8,6 +8,7 @@ registers a factory in ``BACKEND_FACTORIES``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -86,14 +87,25 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class SandboxRequest:
-    """A pod to start. The CRI layer has made its store row and its network already."""
+    """A pod to start. The CRI layer has made its store row and its network namespace.
+
+    CNI ADD may still be running in that namespace when the backend starts: it takes as long
+    as creating the runc infra container (~100-150 ms each, mostly plugin and runc execs), so
+    RunPodSandbox runs the two at once. A backend awaits ``ips()`` where it needs the
+    addresses; a failed ADD raises there, inside the backend's own undo steps.
+    """
 
     pod: PodRecord
     config: api_pb2.PodSandboxConfig
     # The pinned network namespace; "" when the pod uses the host network.
     netns_path: str
-    # The pod's addresses from CNI, IPv4 first (for /etc/hosts).
-    ips: tuple[str, ...] = ()
+    # The pod's addresses from CNI, IPv4 first; see ips().
+    addresses: asyncio.Future[tuple[str, ...]]
+
+    async def ips(self) -> tuple[str, ...]:
+        # Shielded: a cancelled RunPodSandbox must not cancel a CNI ADD halfway; the CRI
+        # layer waits for it to end and then runs DEL.
+        return await asyncio.shield(self.addresses)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
 from crivm.netbridge.cni import CniNetwork, PodNetwork
@@ -99,3 +101,40 @@ def test_host_network_pod(crivm_daemon: CrivmDaemon, busybox_image: PushedImage)
     reply = cri.exec_sync(ctr_id, ["readlink", "/proc/self/ns/net"])
     assert reply.stdout.decode().strip() == os.readlink("/proc/self/ns/net")
     assert cri.exec_sync(ctr_id, ["hostname"]).stdout.decode().strip() == socket.gethostname()
+
+
+def test_cni_add_failure_during_infra_create(crivm_daemon: CrivmDaemon,
+                                             busybox_image: PushedImage) -> None:
+    """CNI ADD runs while the infra container is created. When ADD fails (here the tuning
+    plugin, last in the chain, after bridge and host-local did their part), the infra made
+    meanwhile is undone with it; the fixture's leak check then finds no netns, veth, mount,
+    conmon or row. A pod that succeeds has its address in /etc/hosts."""
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    conflist_path = next(crivm_daemon.cni_conf_dir.glob("*.conflist"))
+    good = conflist_path.read_text()
+    broken = json.loads(good)
+    broken["plugins"].append({"type": "tuning",
+                              "sysctl": {"net.ipv4.conf.eth0.no_such_setting": "1"}})
+    conflist_path.write_text(json.dumps(broken))
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            cri.run_pod(crivm_daemon.pod_config("cni-fails"))
+        assert "tuning" in (info.value.details() or "")
+        assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+        assert not list((crivm_daemon.runroot / "netns").glob("*"))
+    finally:
+        conflist_path.write_text(good)
+
+    pod_config = crivm_daemon.pod_config("hosts-check")
+    pod_id = cri.run_pod(pod_config)
+    ip = cri.pod_status(pod_id).status.network.ip
+    assert ip
+    ctr_id = cri.create(pod_id, api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="probe"),
+        image=api_pb2.ImageSpec(image=BUSYBOX),
+        command=["sleep", "600"],
+    ), pod_config)
+    cri.start(ctr_id)
+    hosts = cri.exec_sync(ctr_id, ["cat", "/etc/hosts"]).stdout.decode()
+    assert f"{ip}\thosts-check" in hosts

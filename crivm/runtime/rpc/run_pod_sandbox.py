@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 
@@ -55,13 +57,20 @@ async def _run(daemon: Daemon, config: api_pb2.PodSandboxConfig, runtime_handler
     async with UndoSteps(log_extra) as undo:
         daemon.store.add_pod(pod)
         undo.add("delete the pod's store row", daemon.store.delete_pod, pod.id)
-        netns_path, ips = "", ()
-        if not host_network:
+        netns_path = ""
+        addresses: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        if host_network:
+            addresses.set_result(())
+        else:
             network = daemon.component("network")
             undo.add("detach the pod from the network", network.detach, pod.id, config)
-            attachment = await network.attach(pod.id, config)
-            netns_path, ips = attachment.netns_path, attachment.ips
-        extra = await backend.start_sandbox(SandboxRequest(pod, config, netns_path, ips))
+            netns_path = await network.create_namespace(pod.id)
+            # CNI ADD runs while the backend starts the infrastructure in the netns.
+            addresses = asyncio.ensure_future(network.add(pod.id, config, netns_path))
+            undo.add("wait for the pod's CNI ADD to end", _settle, addresses)
+        request = SandboxRequest(pod, config, netns_path, addresses)
+        extra = await backend.start_sandbox(request)
+        ips = await request.ips()
         extra = {**extra, "ips": list(ips), "netns_path": netns_path}
         undo.add("remove the pod's infrastructure", backend.remove_sandbox,
                  dataclasses.replace(pod, extra=extra))
@@ -72,3 +81,10 @@ async def _run(daemon: Daemon, config: api_pb2.PodSandboxConfig, runtime_handler
     log.info("pod %s is ready with IPs %s", pod.id, ", ".join(ips) or "(host network)",
              extra=log_extra)
     return pod.id
+
+
+async def _settle(addresses: asyncio.Future[tuple[str, ...]]) -> None:
+    """Let a CNI ADD that is still running end before DEL undoes it; its error, if any,
+    was already raised to the backend (or does not matter any more)."""
+    with contextlib.suppress(Exception):
+        await addresses

@@ -96,11 +96,16 @@ def write_pod_files(
     if host_network:
         shutil.copyfile("/etc/hosts", paths.hosts)
     else:
-        Path(paths.hosts).write_text(hosts_file(hostname, ips))
+        write_hosts(paths.hosts, hostname, ips)
     if paths.shm:
         os.makedirs(paths.shm, mode=0o1777, exist_ok=True)
         _mount_tmpfs(paths.shm, shm_size(dict(config.annotations)))
     return paths
+
+
+def write_hosts(path: str, hostname: str, ips: tuple[str, ...]) -> None:
+    """(Re)write a pod's hosts file in place: containers bind-mount this inode."""
+    Path(path).write_text(hosts_file(hostname, ips))
 
 
 def remove_pod_files(pod_dir: str) -> None:

@@ -25,7 +25,7 @@ from crivm.runtime.runc_backend.environment import (
 )
 from crivm.runtime.runc_backend.host import move_to_cgroup, remove_cgroup
 from crivm.runtime.runc_backend.oci import OciRuntimeError, process_alive
-from crivm.runtime.runc_backend.pod_files import remove_pod_files, write_pod_files
+from crivm.runtime.runc_backend.pod_files import remove_pod_files, write_hosts, write_pod_files
 from crivm.runtime.store import PodRecord
 from crivm.runtime.undo import UndoSteps
 
@@ -53,7 +53,8 @@ async def start(
     layout = infra_layout(env, pod_id)
     async with UndoSteps(extra) as undo:
         undo.add("remove the pod's shared files", remove_pod_files, pod_dir)
-        files = await asyncio.to_thread(write_pod_files, pod_dir, config, request.ips)
+        # /etc/hosts gets the pod's addresses once CNI ADD (running meanwhile) has them.
+        files = await asyncio.to_thread(write_pod_files, pod_dir, config, ())
 
         image = await images.ensure_image(pause_image)
         rootfs = await images.create_rootfs(image.id, pod_id)
@@ -81,6 +82,9 @@ async def start(
         )
         move_to_cgroup(conmon.read_pid(layout.conmon_pidfile), parent)
         await env.runtime.start(pod_id)
+        ips = await request.ips()
+        if ips:
+            write_hosts(files.hosts, config.hostname, ips)
         undo.commit()
     log.info("infra container of pod %s runs as pid %d", pod_id, pid, extra=extra)
     return {

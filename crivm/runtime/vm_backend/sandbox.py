@@ -198,7 +198,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
         os.makedirs(paths.pod_dir, mode=0o700)
         undo.add("unmount the shared directory", shared_dir.remove_shared_dir, paths.shared_dir)
         await asyncio.to_thread(shared_dir.make_shared_dir, paths.shared_dir)
-        await asyncio.to_thread(_write_pod_files, paths, config, request.ips)
+        await asyncio.to_thread(_write_pod_files, paths, config, await request.ips())
         net = None
         if request.netns_path:
             undo.add("remove the tap", tap.detach_tap, request.netns_path)
