@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from crivm.proto import api_pb2
+from crivm.runtime import wire
 from crivm.runtime.cri_messages import container
 from crivm.runtime.store import ContainerRecord, Store
+
+# The field number of ``containers`` in ListContainersResponse and StreamContainersResponse.
+CONTAINERS_FIELD = 1
 
 
 class ContainerView:
@@ -24,8 +27,8 @@ class ContainerView:
         # Insertion order is creation order: the store's rows come sorted by created_at,
         # and a new container is created after every one already here.
         self._rows = {ctr.id: ctr for ctr in store.list_containers()}
-        # The CRI message of a row, built on first listing, dropped when the row changes.
-        self._messages: dict[str, api_pb2.Container] = {}
+        # A row's ListContainers item, encoded on first listing, dropped when the row changes.
+        self._items: dict[str, bytes] = {}
 
     def get(self, container_id: str) -> ContainerRecord | None:
         return self._rows.get(container_id)
@@ -39,13 +42,14 @@ class ContainerView:
     def of_pod(self, pod_id: str) -> list[ContainerRecord]:
         return [ctr for ctr in self._rows.values() if ctr.pod_id == pod_id]
 
-    def message(self, ctr: ContainerRecord) -> api_pb2.Container:
-        """The row as a ListContainers item; do not modify it."""
-        cached = self._messages.get(ctr.id)
+    def item(self, ctr: ContainerRecord) -> bytes:
+        """The row as an encoded element of ListContainersResponse.containers (field 1, as
+        in StreamContainersResponse); see ``crivm.runtime.wire``."""
+        cached = self._items.get(ctr.id)
         if cached is None or self._rows.get(ctr.id) is not ctr:
-            cached = container(ctr)
+            cached = wire.field_element(CONTAINERS_FIELD, container(ctr))
             if self._rows.get(ctr.id) is ctr:
-                self._messages[ctr.id] = cached
+                self._items[ctr.id] = cached
         return cached
 
     def add(self, ctr: ContainerRecord) -> None:
@@ -55,7 +59,7 @@ class ContainerView:
     def update(self, container_id: str, **fields: Any) -> ContainerRecord | None:
         """Write ``fields``; the updated row (None if the view has no such row)."""
         self._store.update_container(container_id, **fields)
-        self._messages.pop(container_id, None)
+        self._items.pop(container_id, None)
         current = self._rows.get(container_id)
         if current is None:
             return None
@@ -66,10 +70,10 @@ class ContainerView:
     def delete(self, container_id: str) -> None:
         self._store.delete_container(container_id)
         self._rows.pop(container_id, None)
-        self._messages.pop(container_id, None)
+        self._items.pop(container_id, None)
 
     def forget_pod(self, pod_id: str) -> None:
         """After the pod's row was deleted: the store dropped its containers (cascade)."""
         for ctr in self.of_pod(pod_id):
             self._rows.pop(ctr.id, None)
-            self._messages.pop(ctr.id, None)
+            self._items.pop(ctr.id, None)

@@ -19,6 +19,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from crivm.errors import Unimplemented
 from crivm.proto import api_pb2
+from crivm.runtime import wire
 from crivm.runtime.daemon import Daemon
 
 if TYPE_CHECKING:
@@ -49,18 +50,17 @@ def generic_handlers(
 
 def _method_handler(daemon: Daemon, method: MethodDescriptor) -> MethodHandler:
     request_cls = GetMessageClass(method.input_type)
-    response_cls = GetMessageClass(method.output_type)
     handle = _load(method.name)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
             _stream_behavior(daemon, method.name, handle),
             request_deserializer=request_cls.FromString,
-            response_serializer=response_cls.SerializeToString,
+            response_serializer=wire.serialize,
         )
     return grpc.unary_unary_rpc_method_handler(
         _unary_behavior(daemon, method.name, handle),
         request_deserializer=request_cls.FromString,
-        response_serializer=response_cls.SerializeToString,
+        response_serializer=wire.serialize,
     )
 
 

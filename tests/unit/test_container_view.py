@@ -8,7 +8,7 @@ import pytest
 
 from crivm.errors import StoreError
 from crivm.proto import api_pb2
-from crivm.runtime.container_view import ContainerView
+from crivm.runtime.container_view import CONTAINERS_FIELD, ContainerView
 from crivm.runtime.store import ContainerRecord, PodRecord, Store
 
 
@@ -54,17 +54,28 @@ def test_view_loads_in_creation_order_and_writes_through(tmp_path: Path) -> None
     assert [c.id for c in view.all()] == [c.id for c in store.list_containers()] == ["c3"]
 
 
-def test_cached_message_follows_row_changes(tmp_path: Path) -> None:
+def test_cached_item_follows_row_changes(tmp_path: Path) -> None:
     view = ContainerView(_store(tmp_path))
     view.add(_container("c1", "pod-a", 1))
     row = view.get("c1")
     assert row is not None
-    first = view.message(row)
-    assert first.state == api_pb2.CONTAINER_CREATED and first.labels["app"] == "c1"
-    assert view.message(row) is first
+    first = view.item(row)
+    assert view.item(row) is first
+    # The element decodes as a one-item ListContainersResponse, and as a StreamContainers one.
+    listed = api_pb2.ListContainersResponse.FromString(first).containers
+    assert [c.id for c in listed] == ["c1"]
+    assert listed[0].state == api_pb2.CONTAINER_CREATED and listed[0].labels["app"] == "c1"
+    streamed = api_pb2.StreamContainersResponse.FromString(first).containers
+    assert streamed[0] == listed[0]
     running = view.update("c1", state="running")
     assert running is not None
-    assert view.message(running).state == api_pb2.CONTAINER_RUNNING
+    (item,) = api_pb2.ListContainersResponse.FromString(view.item(running)).containers
+    assert item.state == api_pb2.CONTAINER_RUNNING
+
+
+def test_container_field_numbers() -> None:
+    for response in (api_pb2.ListContainersResponse, api_pb2.StreamContainersResponse):
+        assert response.DESCRIPTOR.fields_by_name["containers"].number == CONTAINERS_FIELD
 
 
 def test_failed_store_write_leaves_the_view_alone(tmp_path: Path) -> None:

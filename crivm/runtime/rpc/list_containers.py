@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from crivm.proto import api_pb2
-from crivm.runtime.cri_messages import container_config, labels_match
+from crivm.runtime import wire
+from crivm.runtime.cri_messages import container_config, container_state, labels_match
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.records import containers, refresh_container
 from crivm.runtime.store import PodRecord
 
 
-async def handle(
-    daemon: Daemon, request: api_pb2.ListContainersRequest
-) -> api_pb2.ListContainersResponse:
-    wanted = request.filter
+async def handle(daemon: Daemon, request: api_pb2.ListContainersRequest) -> wire.Encoded:
+    return wire.Encoded(b"".join(await encoded_items(daemon, request.filter)))
+
+
+async def encoded_items(daemon: Daemon, wanted: api_pb2.ContainerFilter) -> list[bytes]:
+    """The matching containers, each encoded as an element of the ``containers`` field
+    (``ContainerView.item``), in creation order."""
     view = containers(daemon)
     pods: dict[str, PodRecord | None] = {}
     items = []
@@ -32,8 +36,7 @@ async def handle(
         if pod is None:  # removed while this call waited on another container's status
             continue
         ctr = await refresh_container(daemon, pod, ctr)
-        item = view.message(ctr)
-        if wanted.HasField("state") and wanted.state.state != item.state:
+        if wanted.HasField("state") and wanted.state.state != container_state(ctr):
             continue
-        items.append(item)
-    return api_pb2.ListContainersResponse(containers=items)
+        items.append(view.item(ctr))
+    return items
