@@ -217,6 +217,14 @@ class ImageService:
         await rootfs_mod.mount_overlay(rootfs, self._layers.links_dir)
         return rootfs
 
+    async def unmount_rootfs(self, container_id: str) -> None:
+        """Unmount an exited container's rootfs and keep its writable layer, as containerd
+        does at task delete: nothing reads the merged view of an exited container, and
+        RemoveContainer is then left with a rename. ``get_rootfs`` mounts it again."""
+        rootfs_mod.check_container_id(container_id)
+        await rootfs_mod.unmount(rootfs_mod.container_dir(self.containers_dir, container_id)
+                                 / "merged")
+
     async def remove_rootfs(self, container_id: str) -> None:
         """Unmount and delete the container's rootfs; succeeds if there is none."""
         rootfs_mod.check_container_id(container_id)

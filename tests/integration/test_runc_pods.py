@@ -136,6 +136,11 @@ def test_exec_sync_and_stop(crivm_daemon: CrivmDaemon, busybox_image: PushedImag
     assert status.state == api_pb2.CONTAINER_EXITED
     assert status.exit_code == 137  # SIGKILL after the 2 s grace period
     assert 1.5 < elapsed < 15
+    # Stopped means unmounted (as containerd's task delete): RemoveContainer only renames.
+    layer = crivm_daemon.root / "storage" / "containers" / ctr_id
+    assert (layer / "upper").is_dir() and not os.path.ismount(layer / "merged")
+    cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=ctr_id))
+    assert not layer.exists()
 
 
 def test_oom_killed(crivm_daemon: CrivmDaemon, busybox_image: PushedImage) -> None:

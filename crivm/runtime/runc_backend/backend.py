@@ -139,7 +139,8 @@ class RuncBackend:
 
     async def stop_container(self, pod: PodRecord, ctr: ContainerRecord, timeout_s: float) -> None:
         await container.stop(self.env, ctr, timeout_s)
-        await container.release(self.env, ctr)
+        if await container.release(self.env, ctr):
+            await self.images.unmount_rootfs(ctr.id)
 
     async def remove_container(self, pod: PodRecord, ctr: ContainerRecord) -> None:
         await container.remove(self.env, ctr)

@@ -250,13 +250,15 @@ async def _kill(env: RuncEnvironment, container_id: str, signum: int, all_proces
         raise
 
 
-async def release(env: RuncEnvironment, container: ContainerRecord) -> None:
+async def release(env: RuncEnvironment, container: ContainerRecord) -> bool:
     """Delete an exited container's runtime state right away, as containerd does when it
     sees the exit, so RemoveContainer has only files left to drop. A container still
-    running is left alone."""
+    running is left alone (False)."""
     layout = layout_of(env, container)
-    if conmon.read_exit(layout) is not None:
-        await delete_container(env, layout)
+    if conmon.read_exit(layout) is None:
+        return False
+    await delete_container(env, layout)
+    return True
 
 
 def watch_exit(env: RuncEnvironment, container: ContainerRecord) -> None:
