@@ -101,7 +101,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     @contextlib.asynccontextmanager
     async def _scope(self, method: str, request: Any, context: Context) -> AsyncIterator[None]:
         """One call: a request id for its log lines, its outcome observed, errors mapped."""
-        token = requestlog.request_id.set(secrets.token_hex(4))
+        # grpc.aio runs every call in a task of its own, so the id stays in that task's
+        # context and needs no reset. (A reset also fails when grpc closes a streaming
+        # call's generator from another task: "Token was created in a different Context".)
+        requestlog.request_id.set(secrets.token_hex(4))
         start = time.perf_counter()
         code = "OK"
         try:
@@ -120,7 +123,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc}")
         finally:
             self._observe(method, time.perf_counter() - start, code)
-            requestlog.request_id.reset(token)
 
     def _observe(self, method: str, seconds: float, code: str) -> None:
         level = logging.DEBUG if code == "OK" else logging.INFO

@@ -80,7 +80,7 @@ CORE_MIGRATIONS: list[str] = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PodRecord:
     id: str
     name: str
@@ -123,6 +123,13 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        # Decoded pod rows by id. Every container call reads its pod (the pod's handler
+        # picks the backend) and ListContainers one per pod; decoding a row (its config
+        # blob, its extra JSON) took ~25 us. Pod writes go only through add_pod,
+        # update_pod and delete_pod, which drop the entry and count, so a read that
+        # raced a write is not cached. A returned record is shared: do not modify it.
+        self._pods: dict[str, PodRecord] = {}
+        self._pod_writes = 0
 
     @classmethod
     def open(cls, path: Path, components: dict[str, str] | None = None) -> Store:
@@ -214,6 +221,7 @@ class Store:
     # -- pods -----------------------------------------------------------------------------
 
     def add_pod(self, pod: PodRecord) -> None:
+        self._forget_pod(pod.id)
         self.execute(
             "INSERT INTO pods (id, name, namespace, uid, attempt, handler, state, created_at,"
             " config, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -222,11 +230,27 @@ class Store:
         )
 
     def update_pod(self, pod_id: str, **fields: Any) -> None:
-        self._update("pods", pod_id, fields)
+        try:
+            self._update("pods", pod_id, fields)
+        finally:
+            self._forget_pod(pod_id)
 
     def get_pod(self, pod_id: str) -> PodRecord | None:
+        cached = self._pods.get(pod_id)
+        if cached is not None:
+            return cached
+        writes = self._pod_writes
         rows = self.query("SELECT * FROM pods WHERE id = ?", (pod_id,))
-        return _pod(rows[0]) if rows else None
+        if not rows:
+            return None
+        pod = _pod(rows[0])
+        if writes == self._pod_writes:
+            self._pods[pod_id] = pod
+        return pod
+
+    def _forget_pod(self, pod_id: str) -> None:
+        self._pod_writes += 1
+        self._pods.pop(pod_id, None)
 
     def find_pods(self, prefix: str) -> list[PodRecord]:
         """Pods whose id starts with ``prefix`` (crictl passes truncated ids)."""
@@ -237,7 +261,10 @@ class Store:
         return [_pod(r) for r in self.query("SELECT * FROM pods ORDER BY created_at")]
 
     def delete_pod(self, pod_id: str) -> None:
-        self.execute("DELETE FROM pods WHERE id = ?", (pod_id,))
+        try:
+            self.execute("DELETE FROM pods WHERE id = ?", (pod_id,))
+        finally:
+            self._forget_pod(pod_id)
 
     # -- containers -----------------------------------------------------------------------
 

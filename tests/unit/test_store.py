@@ -110,3 +110,21 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     Store.open(db, {"x": f"{__name__}:MIGRATIONS_V2"}).close()
     with pytest.raises(StoreError, match="refusing to downgrade"):
         Store.open(db, {"x": f"{__name__}:MIGRATIONS_V1"})
+
+
+def test_pod_reads_are_cached_until_the_pod_is_written(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "state.db")
+    pod = PodRecord(id="p1", name="p", namespace="n", uid="u", attempt=0, handler="runc",
+                    state="notready", created_at=1, config=b"")
+    store.add_pod(pod)
+    first = store.get_pod("p1")
+    assert first is not None and store.get_pod("p1") is first
+    store.update_pod("p1", state="ready", extra={"ips": ["10.0.0.2"]})
+    updated = store.get_pod("p1")
+    assert updated is not None
+    assert (updated.state, updated.extra) == ("ready", {"ips": ["10.0.0.2"]})
+    store.delete_pod("p1")
+    assert store.get_pod("p1") is None
+    store.add_pod(pod)  # the same id again (a restore, a test) is read afresh
+    again = store.get_pod("p1")
+    assert again is not None and again.state == "notready"
