@@ -9,10 +9,11 @@ conmon runs it as ``--runtime`` exactly as it would run runc::
     crivm-shim --root R exec [--process P.json] [--pid-file P] [--detach] [--tty
                               --console-socket S] ID [CMD...]
 
-``create`` asks the pod's agent to create the container in the guest, then forks the shim,
-the container's stand-in on the host (see ``stdio_proxy``), and writes its pid where runc
-would write the container's. ``exec`` does the same for a new process; without ``--detach``
-the CLI process is itself the shim and exits with the process's exit code.
+``create`` asks the pod's agent to create the container in the guest, then starts the
+container's stand-in on the host (``standin``: a fresh, small interpreter that hands its stdio
+to the pod's supervisor, which relays it) and writes its pid where runc would write the
+container's. ``exec`` does the same for a new process; without ``--detach`` the CLI waits for
+the stand-in and exits as it did.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from crivm import __version__
 from crivm.errors import CrivmError, NotFound, Unavailable
 from crivm.proto import agent_pb2
 from crivm.runtime.vm_backend.agent_client import AgentClient
+from crivm.shim import standin
 from crivm.shim import state as state_mod
 from crivm.shim.bundle import BundleError, load_bundle
 from crivm.shim.cli_args import ArgumentError, parse
@@ -44,7 +46,7 @@ from crivm.shim.console import (
     take_as_controlling_terminal,
 )
 from crivm.shim.state import ContainerState, StateError
-from crivm.shim.stdio_proxy import ShimTarget, run_shim
+from crivm.shim.vm_spec import PodPaths
 
 log = logging.getLogger("crivm.shim")
 
@@ -68,27 +70,35 @@ def _write_pidfile(path: str, pid: int) -> None:
     os.replace(tmp, path)
 
 
-def _start_shim(target: ShimTarget, terminal: HostTerminal | None) -> int:
-    """Fork the shim and return its pid. The CLI exits right after, so the shim is
-    re-parented to conmon (a child subreaper), like runc's container process."""
+def _standin_argv(agent_socket: str, container_id: str, exec_id: str, terminal: bool,
+                  stdin: bool, oom_file: str = "") -> list[str]:
+    # The bundle names the pod's agent (mux) socket; the supervisor's stand-in socket is
+    # its neighbour in the pod directory.
+    socket_path = PodPaths(os.path.dirname(agent_socket)).standin_socket
+    return standin.argv(sys.executable, socket_path, container_id, exec_id, terminal, stdin,
+                        oom_file)
+
+
+def _start_standin(argv: list[str], terminal: HostTerminal | None) -> int:
+    """Start the stand-in and return its pid. The CLI exits right after, so the stand-in is
+    re-parented to conmon (a child subreaper), like runc's container process. It is exec'd
+    afresh: a forked CLI would keep the CLI's whole heap for the container's lifetime."""
     pid = os.fork()
     if pid:
         if terminal is not None:
             os.close(terminal.slave)
         return pid
-    code = 1
     try:
         if terminal is not None:
             take_as_controlling_terminal(terminal.slave)
             os.close(terminal.slave)
         else:
             os.setsid()  # away from conmon's process group: its signals are not ours
-        code = run_shim(target)
-    except BaseException as exc:  # noqa: BLE001 - the shim's last word goes to its stderr
+        os.execv(argv[0], argv)
+    except BaseException as exc:  # noqa: BLE001 - the child's last word goes to its stderr
         with contextlib.suppress(OSError):
-            os.write(2, f"crivm-shim: {exc}\n".encode())
-    finally:
-        os._exit(code)
+            os.write(2, f"crivm-shim: cannot start the stand-in: {exc}\n".encode())
+    os._exit(1)
 
 
 def _terminal_for(console_socket: str, wanted: bool) -> HostTerminal | None:
@@ -116,9 +126,9 @@ def cmd_create(args: Namespace) -> int:
     asyncio.run(_create_in_guest(args))
     try:
         terminal = _terminal_for(args.console_socket, bundle.terminal)
-        target = ShimTarget(bundle.agent_socket, args.container_id, "", bundle.terminal,
-                            bundle.stdin, bundle.oom_file)
-        pid = _start_shim(target, terminal)
+        argv = _standin_argv(bundle.agent_socket, args.container_id, "", bundle.terminal,
+                             bundle.stdin, bundle.oom_file)
+        pid = _start_standin(argv, terminal)
         state_mod.save(args.root, ContainerState(
             id=args.container_id, bundle=bundle.path, agent_socket=bundle.agent_socket,
             guest_rootfs=bundle.guest_rootfs, shim_pid=pid, created=_now_rfc3339(),
@@ -236,33 +246,27 @@ def cmd_exec(args: Namespace) -> int:
 
     asyncio.run(start())
     terminal = _terminal_for(args.console_socket, process.terminal)
-    target = ShimTarget(found.agent_socket, found.id, exec_id, process.terminal, process.stdin)
-    shim = _start_shim(target, terminal)
-    _write_pidfile(args.pid_file, shim)
+    argv = _standin_argv(found.agent_socket, found.id, exec_id, process.terminal,
+                         process.stdin)
+    pid = _start_standin(argv, terminal)
+    _write_pidfile(args.pid_file, pid)
     if args.detach:
         return 0
-    return _wait_foreground(shim, target)
+    return _wait_foreground(pid)
 
 
-def _wait_foreground(shim: int, target: ShimTarget) -> int:
-    """Wait for the exec's shim and exit as it did. Callers kill the pid-file pid (the shim)
-    on a timeout; the guest process must not outlive it, so it is killed then too."""
+def _wait_foreground(standin_pid: int) -> int:
+    """Wait for the exec's stand-in and exit as it did. Callers kill the pid-file pid (the
+    stand-in) on a timeout; the supervisor then kills the guest process too."""
     while True:
         try:
-            _, status = os.waitpid(shim, 0)
+            _, status = os.waitpid(standin_pid, 0)
             break
         except InterruptedError:
             continue
-    if not os.WIFSIGNALED(status):
-        return os.waitstatus_to_exitcode(status)
-
-    async def kill() -> None:
-        async with AgentClient(target.agent_socket) as agent:
-            await agent.signal_process(target.container_id, target.exec_id, signal.SIGKILL)
-
-    with contextlib.suppress(CrivmError):
-        asyncio.run(kill())
-    return 128 + os.WTERMSIG(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _is_pipe(fd: int) -> bool:

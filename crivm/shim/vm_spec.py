@@ -66,6 +66,11 @@ class PodPaths:
         return self._file("agent-mux.sock")
 
     @property
+    def standin_socket(self) -> str:
+        """The supervisor's socket for the containers' stand-ins (``crivm.shim.standin``)."""
+        return self._file("standin.sock")
+
+    @property
     def virtiofsd_socket(self) -> str:
         return self._file("virtiofsd.sock")
 

@@ -2,8 +2,10 @@
 
 One supervisor per VM pod owns the pod's virtiofsd and QEMU (both die with it, through
 PR_SET_PDEATHSIG) and the one connection QEMU's agent socket accepts, which it shares with the
-daemon and the shims (``agent_mux``). It detaches from whoever started it, so VM pods keep
-running while the daemon restarts; a daemon finds it again by its pid file.
+daemon and the shims (``agent_mux``). It also relays the stdio of every container's stand-in
+(``standin_relay``), so conmon's per-container process stays a bare interpreter. It detaches
+from whoever started it, so VM pods keep running while the daemon restarts; a daemon finds it
+again by its pid file.
 
 Startup handshake: the first process forks the real supervisor and waits for one JSON line on
 a pipe, ``{"ok": true, ...}`` once QEMU runs and the agent socket is shared, or
@@ -30,7 +32,9 @@ from typing import Any
 from crivm.errors import DeadlineExceeded, Unavailable
 from crivm.hypervisor.qemu import cmdline, virtiofsd
 from crivm.hypervisor.qemu.vm import QemuVm
+from crivm.runtime.vm_backend.agent_client import AgentClient
 from crivm.shim.agent_mux import AgentMux
+from crivm.shim.standin_relay import StandinServer
 from crivm.shim.vm_spec import SHARED_TAG, PodPaths, VmSpec
 
 log = logging.getLogger("crivm.shim.vm_supervisor")
@@ -84,6 +88,8 @@ class Supervisor:
         self.paths: PodPaths = spec.paths
         self.vm: QemuVm | None = None
         self.fs: virtiofsd.Virtiofsd | None = None
+        # The stand-ins' relays reach the agent through the mux, as any other client.
+        self.standins = StandinServer(AgentClient(spec.paths.mux_socket))
 
     async def start(self) -> AgentMux:
         spec, paths = self.spec, self.paths
@@ -96,9 +102,12 @@ class Supervisor:
         reader, writer = await _connect_agent(paths.agent_socket, spec.startup_timeout_s)
         mux = AgentMux(reader, writer)
         await mux.listen(paths.mux_socket)
+        await self.standins.listen(paths.standin_socket)
         return mux
 
     async def stop(self) -> None:
+        # First the stand-ins: they exit with LOST_EXIT_CODE, as when the VM goes.
+        await self.standins.close()
         if self.vm is not None:
             await self.vm.shutdown(SHUTDOWN_TIMEOUT_S)
         if self.fs is not None:
