@@ -212,6 +212,12 @@ class RuntimeBackend(Protocol):
     ) -> ContainerStatus:
         ...
 
+    def known_running(self, container: ContainerRecord) -> bool:
+        """True when the backend knows without any I/O that this container, recorded as
+        running, still runs (its conmon is watched and alive). ListContainers then skips
+        ``container_status`` for it; False means "ask"."""
+        ...
+
     async def exec_sync(
         self,
         pod: PodRecord,
@@ -356,6 +362,9 @@ class _Missing:
         self, pod: PodRecord, container: ContainerRecord
     ) -> ContainerStatus:
         return ContainerStatus(state=CONTAINER_UNKNOWN)
+
+    def known_running(self, container: ContainerRecord) -> bool:
+        return False
 
     async def exec_sync(
         self,

@@ -91,10 +91,14 @@ async def refresh_container(
     daemon: Daemon, pod: PodRecord, ctr: ContainerRecord
 ) -> ContainerRecord:
     """The row with the backend's current view applied (and saved when it changed). An
-    exited container never changes again, so it costs nothing."""
+    exited container never changes again, so it costs nothing, and neither does a running
+    one whose backend knows it still runs."""
     if ctr.state == CONTAINER_EXITED:
         return ctr
-    status = await backend_of(daemon, pod).container_status(pod, ctr)
+    backend = backend_of(daemon, pod)
+    if backend.known_running(ctr):
+        return ctr
+    status = await backend.container_status(pod, ctr)
     if status.state == ctr.state:
         return ctr
     fields = {

@@ -158,7 +158,7 @@ class RuncBackend:
     ) -> ExecResult:
         layout = container.layout_of(self.env, ctr)
         return await exec_sync.exec_sync(
-            self.env, layout, cmd, timeout_s, max_output, self._known_running(ctr)
+            self.env, layout, cmd, timeout_s, max_output, self.known_running(ctr)
         )
 
     async def exec_stream(
@@ -167,10 +167,10 @@ class RuncBackend:
         """Streaming exec (kubectl exec); see ``stream_io``."""
         layout = container.layout_of(self.env, ctr)
         return await stream_io.exec_stream(
-            self.env, layout, cmd, stdio, self._known_running(ctr)
+            self.env, layout, cmd, stdio, self.known_running(ctr)
         )
 
-    def _known_running(self, ctr: ContainerRecord) -> bool:
+    def known_running(self, ctr: ContainerRecord) -> bool:
         return ctr.state == CONTAINER_RUNNING and self.env.exits.monitor_alive(ctr.id)
 
     async def attach_stream(self, pod: PodRecord, ctr: ContainerRecord, stdio: Stdio) -> None:

@@ -20,6 +20,7 @@ from crivm.hypervisor.qemu.accel import choose_accel
 from crivm.proto import api_pb2
 from crivm.runtime.backend import (
     CONTAINER_EXITED,
+    CONTAINER_RUNNING,
     BackendServices,
     ContainerRequest,
     ContainerStatus,
@@ -162,6 +163,10 @@ class VmBackend:
 
     async def container_status(self, pod: PodRecord, ctr: ContainerRecord) -> ContainerStatus:
         return await runc_container.status(self.oci, ctr)
+
+    def known_running(self, ctr: ContainerRecord) -> bool:
+        # The container's conmon (whose child is the shim) is watched as on the runc path.
+        return ctr.state == CONTAINER_RUNNING and self.oci.exits.monitor_alive(ctr.id)
 
     async def exec_sync(
         self,
