@@ -7,8 +7,10 @@ For each run, alternating so that host load drifts over all of them alike:
   container (a busybox sleeper) runs: RunPodSandbox + CreateContainer + StartContainer;
 - the kernel-boot floor (bench.vm_boot's): the same QEMU, kernel, accelerator, machine, guest
   memory and devices booting a busybox-only initramfs, until its init prints a line;
-- host memory: PSS of every process of the idle VM pod (QEMU, virtiofsd, supervisor, shim,
-  conmon) beside the idle floor: the same VM whose busybox init then sleeps.
+- host memory: PSS of every process of the idle VM pod (QEMU, virtiofsd, supervisor, the
+  container's stand-in, conmon) beside the idle floor: the same VM whose busybox init then
+  sleeps; then again with EXTRA_CONTAINERS more sleepers in the pod, for the cost of one more
+  container (its stand-in and conmon, and what the supervisor grows by relaying its stdio).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ MEMORY_SETTLE_S = 15.0
 IDLE_MARKER = "crivm-floor: idle"
 IDLE_INIT = f"#!/bin/busybox sh\n/bin/busybox echo {IDLE_MARKER}\nexec /bin/busybox sleep 100000\n"
 TIMEOUT_S = 240.0
+EXTRA_CONTAINERS = 3
 
 VM_HANDLER_TOML = f"""
 [runtimes.vm]
@@ -116,8 +119,15 @@ async def idle_floor_memory(work: Path, name: str, kernel: Path,
         await fs.stop()
 
 
-def vm_pod_run(cri: TimedCri, runroot: Path, index: int) -> dict[str, dict[str, int]]:
-    """One VM pod up to a running container; its memory when idle; then removed."""
+def _pod_memory(runroot: Path) -> dict[str, dict[str, int]]:
+    return pss_by_process([pid for pid in processes_mentioning(str(runroot))
+                           if pid != os.getpid()])
+
+
+def vm_pod_run(cri: TimedCri, runroot: Path,
+               index: int) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """One VM pod up to a running container; its memory when idle, and again with
+    EXTRA_CONTAINERS more containers; then removed."""
     config = cri.pod_config(f"vm-{index}")
     started = time.perf_counter()
     pod_id = cri.run_pod(config, "VM RunPodSandbox", handler="vm")
@@ -127,11 +137,15 @@ def vm_pod_run(cri: TimedCri, runroot: Path, index: int) -> dict[str, dict[str, 
     cri.samples["VM RunPodSandbox until the first container runs"].append(
         time.perf_counter() - started)
     time.sleep(MEMORY_SETTLE_S)
-    memory = pss_by_process([pid for pid in processes_mentioning(str(runroot))
-                             if pid != os.getpid()])
+    memory = _pod_memory(runroot)
+    for extra in range(EXTRA_CONTAINERS):
+        more = cri.create(pod_id, config, f"sleeper{extra}", SMALL_IMAGE, SLEEPER_COMMAND)
+        cri.start(more)
+    time.sleep(MEMORY_SETTLE_S)
+    more_memory = _pod_memory(runroot)
     cri.stop_pod(pod_id)
     cri.remove_pod(pod_id)
-    return memory
+    return memory, more_memory
 
 
 def _total_mib(groups: dict[str, dict[str, int]]) -> float:
@@ -165,6 +179,18 @@ def render(payload: dict[str, Any]) -> str:
         lines.append(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
     lines.append(f"| **total** | {statistics.median([_total_mib(r) for r in pod]):.1f} "
                  f"| {statistics.median([_total_mib(r) for r in bare]):.1f} |")
+    more = payload.get("pod_memory_more") or []
+    if more:
+        lines += ["", f"| each of {EXTRA_CONTAINERS} more containers in the pod (PSS MiB, median "
+                      "run) | per container |", "| --- | ---: |"]
+        for name in sorted({name for run in pod + more for name in run}):
+            growth = [(after.get(name, {}).get("pss_kib", 0)
+                       - before.get(name, {}).get("pss_kib", 0)) / 1024 / EXTRA_CONTAINERS
+                      for before, after in zip(pod, more, strict=True)]
+            lines.append(f"| {name} | {statistics.median(growth):+.1f} |")
+        total = [(_total_mib(after) - _total_mib(before)) / EXTRA_CONTAINERS
+                 for before, after in zip(pod, more, strict=True)]
+        lines.append(f"| **total** | {statistics.median(total):+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload: dict[str, Any] = {"runs": args.runs, "kernel": image.kernel_version}
     floor_samples = Samples()
     pod_memory: list[dict[str, dict[str, int]]] = []
+    pod_memory_more: list[dict[str, dict[str, int]]] = []
     floor_memory: list[dict[str, dict[str, int]]] = []
     try:
         (work / "pause-build").mkdir()
@@ -200,7 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for index in range(args.runs):
             asyncio.run(run_floor(work, f"floor{index}", MACHINE, ACCEL, image.kernel,
                                   floor_boot, floor_samples))
-            pod_memory.append(vm_pod_run(cri, work / "crivm" / "run", index))
+            memory, more_memory = vm_pod_run(cri, work / "crivm" / "run", index)
+            pod_memory.append(memory)
+            pod_memory_more.append(more_memory)
             floor_memory.append(asyncio.run(idle_floor_memory(work, f"idle{index}",
                                                               image.kernel, floor_idle)))
             log.info("run %d/%d done", index + 1, args.runs)
@@ -208,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["floor_boot_s"] = floor_samples.floor_init
         payload["samples"] = dict(cri.samples)
         payload["pod_memory"] = pod_memory
+        payload["pod_memory_more"] = pod_memory_more
         payload["floor_memory"] = floor_memory
     finally:
         if crivm is not None:
