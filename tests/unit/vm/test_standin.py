@@ -8,6 +8,7 @@ import fcntl
 import os
 import signal
 import struct
+import subprocess
 import sys
 import termios
 from collections.abc import AsyncIterator
@@ -227,3 +228,13 @@ async def test_a_terminal_carries_output_input_and_resizes(tmp_path: Path) -> No
     finally:
         os.close(master)
         await server.close()
+
+
+def test_the_supervisor_does_not_load_grpc_or_the_daemon_side() -> None:
+    # One supervisor runs per VM pod and relays all its containers' stdio: what it imports
+    # is host memory per pod.
+    probe = ("import sys, crivm.shim.vm_supervisor; "
+             "print(sorted(m for m in ('grpc', 'pyroute2', 'aiohttp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.strip()
+    assert out == "[]"
