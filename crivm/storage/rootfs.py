@@ -82,6 +82,11 @@ async def mount_overlay(rootfs: Rootfs, links_dir: Path) -> None:
 
 
 async def unmount(path: Path) -> None:
+    # Most calls find nothing mounted (StopContainer unmounted it already): an lstat pair
+    # here instead of a trip through the thread pool, which only a real umount needs (it
+    # may wait for the overlay's dirty data).
+    if not os.path.ismount(path):
+        return
     await asyncio.to_thread(_umount, str(path))
 
 
