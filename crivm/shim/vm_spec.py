@@ -90,6 +90,7 @@ class VmSpec:
     machine: str = "q35"
     accel: str = "tcg"
     tcg_tb_size_mb: int = 0
+    free_page_reporting: bool = True
     vcpus: int = 1
     memory_mb: int = 256
     # The tap in the supervisor's netns that backs the guest NIC; "" for no NIC.

@@ -63,9 +63,7 @@ def vm_config(spec: VmSpec) -> cmdline.VmConfig:
         filesystems=(cmdline.VirtioFs("fs0", paths.virtiofsd_socket, SHARED_TAG),),
         networks=networks,
         extra_kernel_args=spec.extra_kernel_args,
-        # Free page reporting breaks the pod's network here: with it on, the guest's
-        # virtio-net received 2 of 64 frames the tap passed to QEMU (nginx unreachable).
-        balloon=None,
+        balloon=cmdline.Balloon() if spec.free_page_reporting else None,
     )
 
 

@@ -246,8 +246,8 @@ class VmConfig:
     networks: tuple[TapNetwork, ...] = ()
     rng: Rng | None = field(default_factory=Rng)
     # Free page reporting returns what the guest freed (its initramfs copy, exited processes):
-    # about 30 MiB less host memory per idle VM (bench/vm_memory.py). Opt-in: with it on, a
-    # pod's virtio-net lost most frames the tap passed to QEMU (see the vm supervisor).
+    # about 30 MiB less host memory per idle VM (bench/vm_memory.py). Pod VMs have it (the vm
+    # handler's free_page_reporting); other VMs opt in.
     balloon: Balloon | None = None
     extra_kernel_args: tuple[str, ...] = ()
     pidfile: str | None = None

@@ -208,7 +208,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
             virtiofsd_path=handler.virtiofsd_path,
             kernel=env.kernel, initrd=env.initrd,
             machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
-            vcpus=vcpus, memory_mb=memory_mb,
+            free_page_reporting=handler.free_page_reporting, vcpus=vcpus, memory_mb=memory_mb,
             tap_name=net.tap_name if net else "", mac=net.mac if net else "",
         )
         Path(paths.spec).write_text(spec.to_json())

@@ -55,9 +55,11 @@ def test_supervisor_vm_config(tmp_path: Path) -> None:
     assert "size=512M" in argv and "-smp 2" in argv
     assert "ifname=tap0_crivm" in argv and "mac=0a:58:0a:5b:00:02" in argv
     assert f"path={tmp_path}/agent.sock" in argv and "tag=crivm-shared" in argv
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in argv
     no_nic = vm_config(VmSpec(name="p", pod_dir="/d", qemu_path="q", virtiofsd_path="v",
-                              kernel="/k", initrd="/i"))
+                              kernel="/k", initrd="/i", free_page_reporting=False))
     assert no_nic.networks == ()
+    assert no_nic.balloon is None
 
 
 def test_shim_launcher_runs_this_crivm(tmp_path: Path) -> None:
