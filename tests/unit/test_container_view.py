@@ -8,7 +8,8 @@ import pytest
 
 from crivm.errors import StoreError
 from crivm.proto import api_pb2
-from crivm.runtime.container_view import CONTAINERS_FIELD, ContainerView
+from crivm.runtime.container_view import CONTAINERS_FIELD, STATUS_FIELD, ContainerView
+from crivm.runtime.cri_messages import container_status
 from crivm.runtime.store import ContainerRecord, PodRecord, Store
 
 
@@ -73,7 +74,24 @@ def test_cached_item_follows_row_changes(tmp_path: Path) -> None:
     assert item.state == api_pb2.CONTAINER_RUNNING
 
 
+def test_cached_status_is_the_status_response(tmp_path: Path) -> None:
+    view = ContainerView(_store(tmp_path))
+    view.add(_container("c1", "pod-a", 1))
+    row = view.get("c1")
+    assert row is not None
+    assert view.status(row) is view.status(row)
+    decoded = api_pb2.ContainerStatusResponse.FromString(view.status(row))
+    assert decoded == api_pb2.ContainerStatusResponse(status=container_status(row))
+    exited = view.update("c1", state="exited", exit_code=3, reason="Error")
+    assert exited is not None
+    status = api_pb2.ContainerStatusResponse.FromString(view.status(exited)).status
+    assert (status.state, status.exit_code, status.reason) == (
+        api_pb2.CONTAINER_EXITED, 3, "Error")
+
+
 def test_container_field_numbers() -> None:
+    assert api_pb2.ContainerStatusResponse.DESCRIPTOR.fields_by_name["status"].number == (
+        STATUS_FIELD)
     for response in (api_pb2.ListContainersResponse, api_pb2.StreamContainersResponse):
         assert response.DESCRIPTOR.fields_by_name["containers"].number == CONTAINERS_FIELD
 
