@@ -75,6 +75,11 @@ def _standin_argv(agent_socket: str, container_id: str, exec_id: str, terminal: 
     # The bundle names the pod's agent (mux) socket; the supervisor's stand-in socket is
     # its neighbour in the pod directory.
     socket_path = PodPaths(os.path.dirname(agent_socket)).standin_socket
+    if not os.path.exists(socket_path):
+        # Checked before the guest is asked for anything: a stand-in that cannot hand over
+        # would only show as a container that exits 137 at once.
+        raise CommandError(f"the pod's supervisor serves no {socket_path}: it is gone, or "
+                           "older than this crivm-shim (recreate the pod)")
     return standin.argv(sys.executable, socket_path, container_id, exec_id, terminal, stdin,
                         oom_file)
 
@@ -123,11 +128,11 @@ def cmd_create(args: Namespace) -> int:
     with contextlib.suppress(StateError):
         state_mod.load(args.root, args.container_id)
         raise CommandError(f"container {args.container_id} already exists")
+    argv = _standin_argv(bundle.agent_socket, args.container_id, "", bundle.terminal,
+                         bundle.stdin, bundle.oom_file)
     asyncio.run(_create_in_guest(args))
     try:
         terminal = _terminal_for(args.console_socket, bundle.terminal)
-        argv = _standin_argv(bundle.agent_socket, args.container_id, "", bundle.terminal,
-                             bundle.stdin, bundle.oom_file)
         pid = _start_standin(argv, terminal)
         state_mod.save(args.root, ContainerState(
             id=args.container_id, bundle=bundle.path, agent_socket=bundle.agent_socket,
@@ -244,10 +249,10 @@ def cmd_exec(args: Namespace) -> int:
         async with AgentClient(found.agent_socket) as agent:
             await agent.exec_process(found.id, exec_id, process)
 
-    asyncio.run(start())
-    terminal = _terminal_for(args.console_socket, process.terminal)
     argv = _standin_argv(found.agent_socket, found.id, exec_id, process.terminal,
                          process.stdin)
+    asyncio.run(start())
+    terminal = _terminal_for(args.console_socket, process.terminal)
     pid = _start_standin(argv, terminal)
     _write_pidfile(args.pid_file, pid)
     if args.detach:

@@ -151,7 +151,8 @@ class StandinServer:
         """The process's exit code, or None if its stand-in went away first."""
         target = relay.target
         name = target.container_id + (f"/{target.exec_id}" if target.exec_id else "")
-        log.info("relaying %s for its stand-in", name)
+        # Debug only: every exec (ExecSync probes too) gets a relay; the log would grow by it.
+        log.debug("relaying %s for its stand-in", name)
         running = asyncio.create_task(relay.run())
         listening = asyncio.create_task(self._take_signals(conn, relay))
         try:
@@ -166,7 +167,7 @@ class StandinServer:
         if running.done():
             await asyncio.gather(listening, return_exceptions=True)
             code = running.result()
-            log.info("%s exited with %d", name, code)
+            log.debug("%s exited with %d", name, code)
             return code
         # The stand-in went away (killed, or its conmon died): its process goes too, as
         # runc's container process would be gone.

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,9 @@ import pytest
 from crivm.errors import NotFound, Unavailable
 from crivm.runtime.vm_backend.agent_client import AgentClient
 from crivm.shim import standin
+from crivm.shim.bundle import ANNOTATION_AGENT_SOCKET, ANNOTATION_GUEST_ROOTFS
 from crivm.shim.console import open_terminal
+from crivm.shim.main import main
 from crivm.shim.standin_relay import StandinServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -238,3 +242,20 @@ def test_the_supervisor_does_not_load_grpc_or_the_daemon_side() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()
     assert out == "[]"
+
+
+def test_create_refuses_a_pod_without_a_standin_socket(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A supervisor that is gone, or predates the stand-in relay: the CLI says so before it
+    # asks the guest for anything (there is no agent socket here to ask either).
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
+    spec = {"process": {"args": ["sh"]},
+            "annotations": {ANNOTATION_AGENT_SOCKET: str(pod_dir / "agent-mux.sock"),
+                            ANNOTATION_GUEST_ROOTFS: "/g"}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    started = time.monotonic()
+    assert main(["--root", str(tmp_path / "root"), "create", "--bundle", str(tmp_path),
+                 "ctr"]) == 1
+    assert "serves no" in capsys.readouterr().err
+    assert time.monotonic() - started < 5
