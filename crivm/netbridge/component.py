@@ -1,15 +1,15 @@
 """The daemon's "network" component: a pod's network namespace and its CNI attachment.
 
-Both backends use it the same way: RunPodSandbox calls ``attach`` before the backend starts
-the pod, and Stop/RemovePodSandbox call ``detach``, which works even when the pod's
-infrastructure already died. Host-network pods get neither a netns nor a CNI attachment.
+Both backends use it the same way: RunPodSandbox calls ``create_namespace`` and then ``add``
+(CNI ADD) while the backend starts the pod in that namespace, and Stop/RemovePodSandbox (or
+RunPodSandbox's undo) call ``detach``, which works even when the pod's infrastructure already
+died or ADD never finished. Host-network pods get neither a netns nor a CNI attachment.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from crivm.netbridge import netns
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 # How many recently detached pods to remember; a pod is forgotten when it attaches again.
 DETACHED_MEMORY = 4096
-
-
-@dataclass(frozen=True)
-class PodAttachment:
-    """What ``attach`` made: the pinned netns and the pod's addresses (IPv4 first)."""
-
-    netns_path: str
-    ips: tuple[str, ...]
 
 
 class PodNetworkService:
@@ -65,22 +57,9 @@ class PodNetworkService:
             dns=dns_from_cri(config.dns_config) if config.HasField("dns_config") else None,
         )
 
-    async def attach(self, pod_id: str, config: api_pb2.PodSandboxConfig) -> PodAttachment:
-        """Create and pin the pod's netns, then CNI ADD. On failure nothing is left."""
-        netns_path = await self.create_namespace(pod_id)
-        try:
-            ips = await self.add(pod_id, config, netns_path)
-        except BaseException:
-            await netns.remove_netns(netns_path)
-            raise
-        return PodAttachment(netns_path=netns_path, ips=ips)
-
     async def create_namespace(self, pod_id: str) -> str:
-        """Create and pin the pod's netns (empty: loopback only) and return its path.
-
-        ``attach`` in two steps, for a caller that starts the pod's infrastructure in the
-        netns while ``add`` runs; that caller undoes both with ``detach``.
-        """
+        """Create and pin the pod's netns (empty: loopback only) and return its path; undone,
+        with whatever ``add`` made, by ``detach``."""
         self._detached.pop(pod_id, None)
         ns = await netns.create_netns(pod_id, self.netns_dir)
         return ns.path
@@ -88,7 +67,8 @@ class PodNetworkService:
     async def add(
         self, pod_id: str, config: api_pb2.PodSandboxConfig, netns_path: str
     ) -> tuple[str, ...]:
-        """CNI ADD into the pod's netns; the pod's addresses, IPv4 first."""
+        """CNI ADD into the pod's netns (on failure the plugins' DEL has run); the pod's
+        addresses, IPv4 first."""
         result = await self.cni.add(self._pod_network(pod_id, config, netns_path))
         return tuple(str(ip.ip) for ip in result.pod_ips())
 

@@ -41,6 +41,10 @@ def _pod_config() -> api_pb2.PodSandboxConfig:
         metadata=api_pb2.PodSandboxMetadata(name="p", namespace="d", uid="u"))
 
 
+async def _attach(svc: component.PodNetworkService, pod_id: str) -> None:
+    await svc.add(pod_id, _pod_config(), await svc.create_namespace(pod_id))
+
+
 def _dels(log: Path) -> list[str]:
     return [c["type"] for c in calls(log) if c["cmd"] == "DEL"]
 
@@ -48,7 +52,7 @@ def _dels(log: Path) -> list[str]:
 async def test_second_detach_skips_the_del_chain(
         service: tuple[component.PodNetworkService, Path, list[str]]) -> None:
     svc, log, unpinned = service
-    await svc.attach("pod1", _pod_config())
+    await _attach(svc, "pod1")
     await svc.detach("pod1", _pod_config())
     await svc.detach("pod1", _pod_config())
     assert _dels(log) == ["portmap", "bridge"]
@@ -58,9 +62,9 @@ async def test_second_detach_skips_the_del_chain(
 async def test_attaching_again_makes_detach_run_del_again(
         service: tuple[component.PodNetworkService, Path, list[str]]) -> None:
     svc, log, _ = service
-    await svc.attach("pod1", _pod_config())
+    await _attach(svc, "pod1")
     await svc.detach("pod1", _pod_config())
-    await svc.attach("pod1", _pod_config())
+    await _attach(svc, "pod1")
     await svc.detach("pod1", _pod_config())
     assert _dels(log) == ["portmap", "bridge", "portmap", "bridge"]
 
