@@ -95,4 +95,7 @@ def test_runtime_tables_adjust_builtin_handlers(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, "[runtimes.vm]\ndefault_vcpus = 2\n"))
     assert cfg.runtimes["vm"].runtime_type == "vm"
     assert cfg.runtimes["vm"].default_vcpus == 2
+    assert cfg.runtimes["vm"].free_page_reporting
+    off = config.load(write(tmp_path, "[runtimes.vm]\nfree_page_reporting = false\n"))
+    assert not off.runtimes["vm"].free_page_reporting
     assert cfg.runtimes["runc"].runtime_type == "oci"
