@@ -2,7 +2,7 @@
 the pod's network keeps delivering every frame while it does.
 
 ca4f26d turned the balloon off for pods after a VM pod's nginx was unreachable with it on
-(docs/performance.md, "VM memory", says what that turned out to be). This test is the guard:
+(docs/performance.md, "VM memory", has what the investigation found). This test is the guard:
 it proves that QEMU really discards guest RAM (the guest RAM memfd's allocation drops after
 the guest frees memory), then moves frames both ways through the tap while the guest keeps
 freeing and reusing pages, and checks that none went missing.
@@ -43,22 +43,25 @@ REPORT_TIMEOUT_S = 90.0
 EXEC_TIMEOUT_S = 120
 
 
-def guest_ram_allocated(qemu_pid: int) -> int:
-    """Bytes the host holds for the guest's RAM: the allocated blocks of QEMU's memfd."""
+def guest_ram_allocated(qemu_pid: int, ram_bytes: int) -> int:
+    """Bytes the host holds for the guest's RAM: the allocated blocks of QEMU's memfd (the one
+    as large as the guest's RAM)."""
     fd_dir = f"/proc/{qemu_pid}/fd"
     for fd in os.listdir(fd_dir):
         path = os.path.join(fd_dir, fd)
         try:
-            if os.readlink(path).startswith("/memfd:memory-backend-memfd"):
-                return os.stat(path).st_blocks * 512
+            if os.readlink(path).startswith("/memfd:"):
+                stat = os.stat(path)
+                if stat.st_size == ram_bytes:
+                    return stat.st_blocks * 512
         except OSError:
             continue
-    raise AssertionError(f"QEMU {qemu_pid} holds no guest RAM memfd")
+    raise AssertionError(f"QEMU {qemu_pid} holds no guest RAM memfd of {ram_bytes} bytes")
 
 
-def wait_for_discard(qemu_pid: int, below: int) -> int:
+def wait_for_discard(qemu_pid: int, ram_bytes: int, below: int) -> int:
     deadline = time.monotonic() + REPORT_TIMEOUT_S
-    while (allocated := guest_ram_allocated(qemu_pid)) >= below:
+    while (allocated := guest_ram_allocated(qemu_pid, ram_bytes)) >= below:
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"guest RAM still holds {allocated // MIB} MiB {REPORT_TIMEOUT_S:.0f} s after "
@@ -133,14 +136,15 @@ async def test_vm_pod_network_while_free_pages_are_reported(
         api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True), timeout=60)
     info: dict[str, Any] = json.loads(verbose.info["info"])
     qemu_pid, tap, netns = info["vm"]["qemu_pid"], info["vm"]["tap"], info["netns_path"]
+    ram_bytes = info["vm"]["memory_mb"] * MIB
     pod_ip = verbose.status.network.ip
 
     # 1. Reporting really returns memory: fill the guest's tmpfs, free it, and QEMU's memfd
     # must shrink by most of it (nothing else punches holes into guest RAM).
     guest_shell(vm_daemon, ctr_id, f"head -c {FILL_MIB * MIB} /dev/zero > /dev/shm/fill")
-    filled = guest_ram_allocated(qemu_pid)
+    filled = guest_ram_allocated(qemu_pid, ram_bytes)
     guest_shell(vm_daemon, ctr_id, "rm /dev/shm/fill")
-    returned = wait_for_discard(qemu_pid, below=filled - FILL_MIB * MIB // 2)
+    returned = wait_for_discard(qemu_pid, ram_bytes, below=filled - FILL_MIB * MIB // 2)
     print(f"guest RAM on the host: {filled // MIB} MiB filled, {returned // MIB} MiB after "
           "the guest freed the fill")
 
