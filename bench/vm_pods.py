@@ -42,6 +42,7 @@ from crivm.guestimage import cpio, elf
 from crivm.guestimage.build import DEFAULT_CACHE_DIR, DEFAULT_OUT_DIR, BuildResult, build
 from crivm.hypervisor.qemu.cmdline import AccelKind, MachineType
 from crivm.hypervisor.qemu.vm import QemuVm
+from crivm.runtime.config import RuntimeHandler
 from tests.fixtures import image_recipes
 from tests.fixtures.images import push
 from tests.fixtures.registries_conf import mirror_conf
@@ -68,7 +69,7 @@ machine = "{MACHINE}"
 accel = "{ACCEL}"
 default_memory_mb = {GUEST_MEMORY_MB - 128}
 memory_overhead_mb = 128
-tcg_tb_size_mb = 64
+tcg_tb_size_mb = {{tb_size}}
 boot_timeout_s = {TIMEOUT_S}
 """
 
@@ -104,10 +105,11 @@ def pss_by_process(pids: list[int]) -> dict[str, dict[str, int]]:
     return dict(groups)
 
 
-async def idle_floor_memory(work: Path, name: str, kernel: Path,
-                            initrd: Path) -> dict[str, dict[str, int]]:
+async def idle_floor_memory(work: Path, name: str, kernel: Path, initrd: Path,
+                            tb_size_mb: int) -> dict[str, dict[str, int]]:
     fs = await _start_share(work, name)
-    config = vm_config(work, name, MACHINE, ACCEL, kernel, initrd, fs.socket_path)
+    config = vm_config(work, name, MACHINE, ACCEL, kernel, initrd, fs.socket_path,
+                       tb_size_mb=tb_size_mb)
     vm = await QemuVm.launch(QEMU, config, work / f"{name}-qemu.err")
     try:
         await vm.wait_for_console(IDLE_MARKER, TIMEOUT_S)
@@ -156,7 +158,8 @@ def render(payload: dict[str, Any]) -> str:
     floor = payload["floor_boot_s"]
     lines = [
         f"- runs: {payload['runs']}, machine {MACHINE}, accel {ACCEL}, guest {GUEST_MEMORY_MB} "
-        f"MiB, kernel {payload['kernel']}; load average (1 min) {payload['load'][0]:.1f} / "
+        f"MiB, TCG translation cache {payload.get('tb_size_mb', 64)} MiB (pod and floors), "
+        f"kernel {payload['kernel']}; load average (1 min) {payload['load'][0]:.1f} / "
         f"{payload['load'][1]:.1f}",
         "",
         "| what | median s | min-max s |",
@@ -200,7 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (work / "registry").mkdir()
     registry, registry_process = _start_registry(work / "registry", auth=False)
     crivm: RuntimeUnderTest | None = None
-    payload: dict[str, Any] = {"runs": args.runs, "kernel": image.kernel_version}
+    payload: dict[str, Any] = {"runs": args.runs, "kernel": image.kernel_version,
+                               "tb_size_mb": args.tb_size}
     floor_samples = Samples()
     pod_memory: list[dict[str, dict[str, int]]] = []
     pod_memory_more: list[dict[str, dict[str, int]]] = []
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         floor_boot, floor_idle = work / "floor.cpio", work / "idle.cpio"
         floor_initrd(floor_boot, image_recipes.BUSYBOX_BINARY)
         idle_initrd(floor_idle, image_recipes.BUSYBOX_BINARY)
-        extra = VM_HANDLER_TOML.format(kernel=image.kernel, initrd=image.initrd)
+        extra = VM_HANDLER_TOML.format(kernel=image.kernel, initrd=image.initrd,
+                                       tb_size=args.tb_size)
         crivm = crivm_runtime(work / "crivm", registries_conf, work / "cni", extra_toml=extra)
         crivm.start()
         assert crivm.channel is not None
@@ -226,12 +231,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["load"] = [os.getloadavg()[0]]
         for index in range(args.runs):
             asyncio.run(run_floor(work, f"floor{index}", MACHINE, ACCEL, image.kernel,
-                                  floor_boot, floor_samples))
+                                  floor_boot, floor_samples, tb_size_mb=args.tb_size))
             memory, more_memory = vm_pod_run(cri, work / "crivm" / "run", index)
             pod_memory.append(memory)
             pod_memory_more.append(more_memory)
             floor_memory.append(asyncio.run(idle_floor_memory(work, f"idle{index}",
-                                                              image.kernel, floor_idle)))
+                                                              image.kernel, floor_idle,
+                                                              args.tb_size)))
             log.info("run %d/%d done", index + 1, args.runs)
         payload["load"].append(os.getloadavg()[0])
         payload["floor_boot_s"] = floor_samples.floor_init
@@ -257,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tb-size", type=int, default=RuntimeHandler().tcg_tb_size_mb,
+                        help="TCG translation cache MiB of the pod's handler and the floors "
+                             "(default: the vm handler's default)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     payload = run(args)
