@@ -33,7 +33,6 @@ from crivm.runtime.store import PodRecord
 from crivm.runtime.undo import UndoSteps
 from crivm.runtime.vm_backend import guest_network, shared_dir
 from crivm.runtime.vm_backend.agent_client import AgentClient
-from crivm.runtime.vm_backend.shim_launcher import helper_path
 from crivm.shim.vm_spec import GUEST_SHARED_DIR, SHARED_TAG, PodPaths, VmSpec
 
 log = logging.getLogger(__name__)
@@ -98,15 +97,17 @@ def _write_pod_files(paths: PodPaths, config: api_pb2.PodSandboxConfig,
 
 
 def _python_env() -> dict[str, str]:
-    """The supervisor imports the same crivm as the daemon, installed or from a checkout, from
-    the daemon's own import path (it runs with ``-S``: see ``shim_launcher.helper_path``)."""
+    """The supervisor imports the same crivm as the daemon, installed or from a checkout."""
+    package_root = str(Path(__file__).resolve().parents[3])
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(helper_path())
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH", "")) if p
+    )
     return env
 
 
 async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float) -> dict[str, Any]:
-    argv = [sys.executable, "-S", "-m", SUPERVISOR_MODULE, spec.paths.spec]
+    argv = [sys.executable, "-m", SUPERVISOR_MODULE, spec.paths.spec]
     if netns_path:
         argv = netns_argv_prefix(netns_path) + argv
     try:
