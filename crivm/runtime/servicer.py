@@ -3,7 +3,8 @@
 Each RPC ``FooBar`` lives in ``crivm.runtime.rpc.foo_bar`` as ``async def handle(daemon,
 request)`` (an async generator for server-streaming calls). The method table is built from the
 service descriptors in the generated proto, so every published method is served: a call whose
-module does not exist yet answers UNIMPLEMENTED, never a fake success.
+module does not exist yet answers UNIMPLEMENTED, never a fake success. A handler returns
+its response message, or a ``wire.Encoded`` response it assembled from cached encodings.
 """
 
 from __future__ import annotations
