@@ -1,4 +1,4 @@
-"""The per-pod VM supervisor: ``python3 -m crivm.shim.vm_supervisor <vm.json>``.
+"""The per-pod VM supervisor, started as ``python3 -m crivm.shim.supervisor_entry <vm.json>``.
 
 One supervisor per VM pod owns the pod's virtiofsd and QEMU (both die with it, through
 PR_SET_PDEATHSIG) and the one connection QEMU's agent socket accepts, which it shares with the

@@ -37,7 +37,7 @@ from crivm.shim.vm_spec import GUEST_SHARED_DIR, SHARED_TAG, PodPaths, VmSpec
 
 log = logging.getLogger(__name__)
 
-SUPERVISOR_MODULE = "crivm.shim.vm_supervisor"
+SUPERVISOR_MODULE = "crivm.shim.supervisor_entry"
 # QMP quit, then the supervisor's own SIGKILL fallback, must fit in this.
 STOP_TIMEOUT_S = 20.0
 MIB = 1024 * 1024
