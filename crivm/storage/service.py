@@ -232,8 +232,7 @@ class ImageService:
         await self.collect_garbage()
 
     async def _forget_rootfs(self, container_id: str) -> None:
-        await rootfs_mod.unmount(rootfs_mod.container_dir(self.containers_dir, container_id)
-                                 / "merged")
+        await self.unmount_rootfs(container_id)
         # Deleting the writable layer file by file took 2-10 ms of every RemoveContainer;
         # moved into tmp/ it is gone from the container's name at once, is deleted in the
         # background, and a crash leaves it to the tmp/ sweep in open().

@@ -11,7 +11,6 @@ from crivm.errors import Unavailable
 from crivm.proto import api_pb2
 from crivm.runtime.backend import (
     CONTAINER_EXITED,
-    CONTAINER_RUNNING,
     BackendServices,
     ContainerRequest,
     ContainerStatus,
@@ -171,7 +170,7 @@ class RuncBackend:
         )
 
     def known_running(self, ctr: ContainerRecord) -> bool:
-        return ctr.state == CONTAINER_RUNNING and self.env.exits.monitor_alive(ctr.id)
+        return container.known_running(self.env, ctr)
 
     async def attach_stream(self, pod: PodRecord, ctr: ContainerRecord, stdio: Stdio) -> None:
         """Attach to the container's stdio through conmon; see ``stream_io``."""

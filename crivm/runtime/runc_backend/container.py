@@ -279,11 +279,16 @@ async def remove(env: RuncEnvironment, container: ContainerRecord) -> None:
     discard_layout(env, layout)
 
 
+def known_running(env: RuncEnvironment, container: ContainerRecord) -> bool:
+    """Recorded as running, and its conmon is watched and alive: it runs, no I/O needed."""
+    return container.state == CONTAINER_RUNNING and env.exits.monitor_alive(container.id)
+
+
 async def status(env: RuncEnvironment, container: ContainerRecord) -> ContainerStatus:
     """Cheap when nothing changed: a watched live conmon answers from memory, an exit
     file or a live pid without runc."""
     pid = int(container.extra.get("pid", 0))
-    if container.state == CONTAINER_RUNNING and env.exits.monitor_alive(container.id):
+    if known_running(env, container):
         return ContainerStatus(state=CONTAINER_RUNNING, pid=pid)
     layout = layout_of(env, container)
     exited = conmon.read_exit(layout)

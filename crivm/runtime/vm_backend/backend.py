@@ -20,7 +20,6 @@ from crivm.hypervisor.qemu.accel import choose_accel
 from crivm.proto import api_pb2
 from crivm.runtime.backend import (
     CONTAINER_EXITED,
-    CONTAINER_RUNNING,
     BackendServices,
     ContainerRequest,
     ContainerStatus,
@@ -165,8 +164,8 @@ class VmBackend:
         return await runc_container.status(self.oci, ctr)
 
     def known_running(self, ctr: ContainerRecord) -> bool:
-        # The container's conmon (whose child is the shim) is watched as on the runc path.
-        return ctr.state == CONTAINER_RUNNING and self.oci.exits.monitor_alive(ctr.id)
+        # The container's conmon (whose child is the stand-in) is watched as on the runc path.
+        return runc_container.known_running(self.oci, ctr)
 
     async def exec_sync(
         self,
