@@ -7,7 +7,6 @@ with crivm's own writer.
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.request
 
@@ -16,6 +15,7 @@ import pytest
 
 from crivm.proto import api_pb2
 from tests.fixtures.daemon import CrivmDaemon
+from tests.fixtures.http import free_port
 from tests.fixtures.images import PushedImage
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.registry]
@@ -26,11 +26,6 @@ LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> tuple[Samples, dict[str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,8 @@ import pytest
 from crivm.netbridge.cni import CniNetwork, PodNetwork
 from crivm.netbridge.netns import call_in_netns
 from crivm.proto import api_pb2
-from tests.fixtures.daemon import CrivmDaemon
+from tests.fixtures.daemon import CriClient, CrivmDaemon
+from tests.fixtures.http import free_port, http_get
 from tests.fixtures.images import NGINX_INDEX_HTML, PushedImage
 from tests.fixtures.netns import NetnsFactory
 
@@ -24,27 +24,17 @@ NGINX = "docker.io/library/nginx:latest"
 BUSYBOX = "docker.io/library/busybox:latest"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def http_get(url: str, attempts: int = 50) -> bytes:
-    """GET with retries while nginx starts; raises the last error."""
-    import time
-
-    error: Exception | None = None
-    for _ in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - test URL
-                return bytes(reply.read())
-        except OSError as exc:
-            error = exc
-            time.sleep(0.2)
-    assert error is not None
-    raise error
-
+def run_probe(cri: CriClient, pod_id: str, pod_config: api_pb2.PodSandboxConfig) -> str:
+    """A busybox sleeper in the pod, to exec into."""
+    ctr_id = cri.create(pod_id, api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="probe"),
+        image=api_pb2.ImageSpec(image=BUSYBOX),
+        command=["sleep", "600"],
+    ), pod_config)
+    cri.start(ctr_id)
+    return ctr_id
 
 async def test_nginx_on_pod_ip_and_host_port(
     crivm_daemon: CrivmDaemon,
@@ -92,12 +82,7 @@ def test_host_network_pod(crivm_daemon: CrivmDaemon, busybox_image: PushedImage)
     pod_config.linux.security_context.namespace_options.network = api_pb2.NODE
     pod_id = cri.run_pod(pod_config)
     assert cri.pod_status(pod_id).status.network.ip == ""
-    ctr_id = cri.create(pod_id, api_pb2.ContainerConfig(
-        metadata=api_pb2.ContainerMetadata(name="probe"),
-        image=api_pb2.ImageSpec(image=BUSYBOX),
-        command=["sleep", "600"],
-    ), pod_config)
-    cri.start(ctr_id)
+    ctr_id = run_probe(cri, pod_id, pod_config)
     reply = cri.exec_sync(ctr_id, ["readlink", "/proc/self/ns/net"])
     assert reply.stdout.decode().strip() == os.readlink("/proc/self/ns/net")
     assert cri.exec_sync(ctr_id, ["hostname"]).stdout.decode().strip() == socket.gethostname()
@@ -130,11 +115,6 @@ def test_cni_add_failure_during_infra_create(crivm_daemon: CrivmDaemon,
     pod_id = cri.run_pod(pod_config)
     ip = cri.pod_status(pod_id).status.network.ip
     assert ip
-    ctr_id = cri.create(pod_id, api_pb2.ContainerConfig(
-        metadata=api_pb2.ContainerMetadata(name="probe"),
-        image=api_pb2.ImageSpec(image=BUSYBOX),
-        command=["sleep", "600"],
-    ), pod_config)
-    cri.start(ctr_id)
+    ctr_id = run_probe(cri, pod_id, pod_config)
     hosts = cri.exec_sync(ctr_id, ["cat", "/etc/hosts"]).stdout.decode()
     assert f"{ip}\thosts-check" in hosts

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pyroute2 import IPRoute
 from crivm.netbridge.cni import CniNetwork, PodNetwork
 from crivm.netbridge.netns import call_in_netns
 from crivm.proto import api_pb2
+from tests.fixtures.http import http_get
 from tests.fixtures.images import PushedImage
 from tests.fixtures.netns import NetnsFactory
 from tests.fixtures.vm_daemon import VmCrivmDaemon
@@ -77,22 +77,10 @@ def tap_counters(tap: str) -> dict[str, int]:
         return {key: int(stats[key]) for key in ("tx_packets", "tx_dropped")}
 
 
-def http_get(url: str, attempts: int = 120) -> bytes:
-    """GET with retries while httpd starts in the VM."""
-    error: Exception | None = None
-    for _ in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - test URL
-                return bytes(reply.read())
-        except OSError as exc:
-            error = exc
-            time.sleep(0.5)
-    assert error is not None
-    raise error
-
 
 def fetch_many(url: str, times: int) -> list[bytes]:
-    return [http_get(url) for _ in range(times)]
+    # httpd starts slowly in a TCG guest and answers slowly while it frees memory.
+    return [http_get(url, attempts=120, timeout_s=10.0, interval_s=0.5) for _ in range(times)]
 
 
 def busybox(name: str, script: str, mounts: list[api_pb2.Mount]) -> api_pb2.ContainerConfig:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 from crivm.netbridge.cni import CniNetwork, PodNetwork
 from crivm.netbridge.netns import call_in_netns
 from crivm.proto import api_pb2
+from tests.fixtures.http import free_port, http_get
 from tests.fixtures.images import NGINX_INDEX_HTML, PushedImage
 from tests.fixtures.netns import NetnsFactory
 from tests.fixtures.vm_daemon import VmCrivmDaemon
@@ -101,24 +101,10 @@ def test_vm_busybox_logs_exec_exit_codes(vm_daemon: VmCrivmDaemon,
     cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def http_get(url: str, attempts: int = 150) -> bytes:
-    """GET with retries while nginx starts in the VM (slow under TCG)."""
-    error: Exception | None = None
-    for _ in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=3) as reply:  # noqa: S310 - test URL
-                return bytes(reply.read())
-        except OSError as exc:
-            error = exc
-            time.sleep(0.5)
-    assert error is not None
-    raise error
+# nginx starts slowly in a TCG guest: more attempts, further apart.
+vm_http_get = functools.partial(http_get, attempts=150, timeout_s=3.0, interval_s=0.5)
 
 
 async def test_vm_nginx_on_pod_ip_and_host_port(
@@ -148,12 +134,12 @@ async def test_vm_nginx_on_pod_ip_and_host_port(
     client = PodNetwork(pod_id="client-" + os.urandom(4).hex(), netns=client_ns.path)
     await client_net.add(client)
     try:
-        body = await call_in_netns(client_ns.path, http_get, f"http://{pod_ip}:80/")
+        body = await call_in_netns(client_ns.path, vm_http_get, f"http://{pod_ip}:80/")
     finally:
         await client_net.delete(client)
     assert body == NGINX_INDEX_HTML
     # Through portmap's DNAT on the host.
-    assert http_get(f"http://127.0.0.1:{host_port}/") == NGINX_INDEX_HTML
+    assert vm_http_get(f"http://127.0.0.1:{host_port}/") == NGINX_INDEX_HTML
     # The guest answered: its interface carries the pod's IP.
     reply = cri.exec_sync(ctr_id, ["cat", "/proc/net/fib_trie"])
     assert pod_ip.encode() in reply.stdout
