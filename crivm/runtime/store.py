@@ -126,10 +126,10 @@ class Store:
         # Decoded pod rows by id. Every container call reads its pod (the pod's handler
         # picks the backend) and ListContainers one per pod; decoding a row (its config
         # blob, its extra JSON) took ~25 us. Pod writes go only through add_pod,
-        # update_pod and delete_pod, which drop the entry and count, so a read that
-        # raced a write is not cached. A returned record is shared: do not modify it.
+        # update_pod and delete_pod, which drop the entry; all of them and get_pod run on
+        # the event loop without awaiting, so no write falls between a read and its
+        # caching. A returned record is shared: do not modify it.
         self._pods: dict[str, PodRecord] = {}
-        self._pod_writes = 0
 
     @classmethod
     def open(cls, path: Path, components: dict[str, str] | None = None) -> Store:
@@ -239,17 +239,13 @@ class Store:
         cached = self._pods.get(pod_id)
         if cached is not None:
             return cached
-        writes = self._pod_writes
         rows = self.query("SELECT * FROM pods WHERE id = ?", (pod_id,))
         if not rows:
             return None
-        pod = _pod(rows[0])
-        if writes == self._pod_writes:
-            self._pods[pod_id] = pod
+        pod = self._pods[pod_id] = _pod(rows[0])
         return pod
 
     def _forget_pod(self, pod_id: str) -> None:
-        self._pod_writes += 1
         self._pods.pop(pod_id, None)
 
     def find_pods(self, prefix: str) -> list[PodRecord]:
