@@ -1,8 +1,8 @@
 """The one crivm exception tree.
 
 Lower layers (OSError, subprocess, QMP, netlink, HTTP) are translated into these exactly once,
-at the boundary where they happen, with ``raise ... from exc``. The gRPC interceptor in
-``crivm.runtime.interceptor`` is the only place that turns them into status codes; it does so by
+at the boundary where they happen, with ``raise ... from exc``. The call scope in
+``crivm.runtime.call_scope`` is the only place that turns them into status codes; it does so by
 class, never by message text.
 """
 

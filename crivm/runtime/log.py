@@ -1,6 +1,6 @@
 """Daemon logging: a request id on every line of a CRI call, optional JSON output.
 
-The interceptor sets ``request_id`` for the duration of a call; because asyncio copies context
+The call scope sets ``request_id`` for the duration of a call; because asyncio copies context
 variables into the tasks a call spawns, lines logged deep in a backend carry the id too.
 ``pod_id``/``container_id`` arrive through ``extra=`` and are printed when present.
 """

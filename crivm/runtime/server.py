@@ -1,4 +1,4 @@
-"""``crivm serve``: the grpc.aio server on the configured unix socket."""
+"""``crivm serve``: the CRI gRPC server on the configured unix socket."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
-
 from crivm.runtime import servicer
+from crivm.runtime.call_scope import CallScope
 from crivm.runtime.config import Config
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.interceptor import ErrorInterceptor
+from crivm.runtime.grpc_server import GrpcServer
 
 log = logging.getLogger(__name__)
 
 # Grace period for in-flight calls when SIGTERM/SIGINT arrives. Containers keep running.
 SHUTDOWN_GRACE_S = 5.0
-# kubelet sends large messages (ListContainers with many containers, big exec output).
+# The largest request accepted. (kubelet's own requests are small; its client takes the
+# large answers: ListContainers with many containers, big exec output.)
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
@@ -31,18 +31,11 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     _remove_stale_socket(socket_path)
 
     daemon = await Daemon.open(config)
-    interceptor = ErrorInterceptor()
-    daemon.components["interceptor"] = interceptor
+    scope = CallScope()
     metrics = daemon.components.get("metrics")
     if metrics is not None:
-        interceptor.observers.append(metrics.observe_call)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    server.add_generic_rpc_handlers(tuple(servicer.generic_handlers(daemon, interceptor.wrap)))
+        scope.observers.append(metrics.observe_call)
+    server = GrpcServer(servicer.methods(daemon), scope, MAX_MESSAGE_BYTES)
     # Create the socket with no access for others, then widen to 0660: no window in
     # which another user could connect.
     # The socket is bound under a temporary name and renamed into place once the server
@@ -51,8 +44,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     binding.unlink(missing_ok=True)
     old_umask = os.umask(0o177)
     try:
-        server.add_insecure_port(f"unix://{binding}")
-        await server.start()
+        await server.listen(binding)
     finally:
         os.umask(old_umask)
     os.chmod(binding, 0o660)

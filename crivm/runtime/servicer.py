@@ -9,23 +9,19 @@ its response message, or a ``wire.Encoded`` response it assembled from cached en
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from crivm.errors import Unimplemented
 from crivm.proto import api_pb2
-from crivm.runtime import wire
 from crivm.runtime.daemon import Daemon
-
-if TYPE_CHECKING:
-    Context = grpc.aio.ServicerContext[Any, Any]
-    MethodHandler = grpc.RpcMethodHandler[Any, Any]
+from crivm.runtime.grpc_server import Method
 
 SERVICES = ("RuntimeService", "ImageService")
 
@@ -34,35 +30,25 @@ def module_name(method: str) -> str:
     return "crivm.runtime.rpc." + re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
 
 
-def generic_handlers(
-    daemon: Daemon, wrap: Callable[[str, MethodHandler], MethodHandler] | None = None
-) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    """One generic handler per CRI service; ``wrap(method, handler)`` decorates each method
-    once, here, rather than on every call."""
-    handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
+def methods(daemon: Daemon) -> dict[str, Method]:
+    """Every CRI method by its request path, "/runtime.v1.RuntimeService/Version"."""
+    table: dict[str, Method] = {}
     for service_name in SERVICES:
         service = api_pb2.DESCRIPTOR.services_by_name[service_name]
-        methods = {m.name: _method_handler(daemon, m) for m in service.methods}
-        if wrap is not None:
-            methods = {name: wrap(name, handler) for name, handler in methods.items()}
-        handlers.append(grpc.method_handlers_generic_handler(service.full_name, methods))
-    return handlers
+        for method in service.methods:
+            table[f"/{service.full_name}/{method.name}"] = _method(daemon, method)
+    return table
 
 
-def _method_handler(daemon: Daemon, method: MethodDescriptor) -> MethodHandler:
+def _method(daemon: Daemon, method: MethodDescriptor) -> Method:
     request_cls = GetMessageClass(method.input_type)
     handle = _load(method.name)
-    if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            _stream_behavior(daemon, method.name, handle),
-            request_deserializer=request_cls.FromString,
-            response_serializer=wire.serialize,
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        _unary_behavior(daemon, method.name, handle),
-        request_deserializer=request_cls.FromString,
-        response_serializer=wire.serialize,
-    )
+    if handle is None:
+        behavior = _unimplemented_stream if method.server_streaming else _unimplemented
+        return Method(method.name, request_cls.FromString,
+                      functools.partial(behavior, method.name), method.server_streaming)
+    return Method(method.name, request_cls.FromString, functools.partial(handle, daemon),
+                  method.server_streaming)
 
 
 def _load(method: str) -> Callable[..., Any] | None:
@@ -77,20 +63,10 @@ def _load(method: str) -> Callable[..., Any] | None:
     return handle
 
 
-def _unary_behavior(daemon: Daemon, method: str, handle: Callable[..., Any] | None) -> Any:
-    async def behavior(request: Any, context: Context) -> Any:
-        if handle is None:
-            raise Unimplemented(f"crivm does not implement {method} yet")
-        return await handle(daemon, request)
-
-    return behavior
+async def _unimplemented(method: str, request: Any) -> Any:
+    raise Unimplemented(f"crivm does not implement {method} yet")
 
 
-def _stream_behavior(daemon: Daemon, method: str, handle: Callable[..., Any] | None) -> Any:
-    async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-        if handle is None:
-            raise Unimplemented(f"crivm does not implement {method} yet")
-        async for item in handle(daemon, request):
-            yield item
-
-    return behavior
+async def _unimplemented_stream(method: str, request: Any) -> AsyncIterator[Any]:
+    raise Unimplemented(f"crivm does not implement {method} yet")
+    yield  # an async generator, like the streaming handlers

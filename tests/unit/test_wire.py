@@ -12,7 +12,7 @@ def test_joined_elements_are_the_repeated_field() -> None:
     joined = wire.Encoded(b"".join(wire.field_element(1, item) for item in items))
     decoded = api_pb2.ListContainersResponse.FromString(wire.serialize(joined))
     assert list(decoded.containers) == items
-    assert type(wire.serialize(joined)) is bytes  # grpc takes nothing else
+    assert type(wire.serialize(joined)) is bytes
 
 
 def test_messages_are_serialized() -> None:

@@ -1,7 +1,7 @@
 """The daemon's "metrics" component: an opt-in Prometheus ``/metrics`` on 127.0.0.1.
 
 Off unless ``metrics_port`` is set. Call latencies and outcomes arrive from the gRPC
-interceptor (``observe_call``), pull durations from the image service (``observe_pull``);
+call scope (``observe_call``), pull durations from the image service (``observe_pull``);
 pod and container counts are taken from the store at each scrape, with container states
 refreshed from their backends first, so a container that died unobserved counts as exited.
 """
