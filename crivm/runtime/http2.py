@@ -304,6 +304,8 @@ class Http2Connection(asyncio.Protocol):
                 self.listener.request_too_large(self, stream)
         if flags & END_STREAM:
             self._end_remote(stream)
+        elif stream.closed:
+            return  # answered already; the peer was told to stop, nothing more to take in
         elif stream.receive_window < STREAM_RECEIVE_WINDOW // 2:
             out.append(frame(WINDOW_UPDATE, 0, stream_id,
                              _U32.pack(STREAM_RECEIVE_WINDOW - stream.receive_window)))

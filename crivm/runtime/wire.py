@@ -17,8 +17,7 @@ _LENGTH_DELIMITED = 2
 
 
 class Encoded:
-    """A response already encoded; the servicer sends ``data`` as it is. (Not a bytes
-    subclass: grpc's C core takes exactly ``bytes`` from a serializer.)"""
+    """A response already encoded; the server sends ``data`` as it is."""
 
     __slots__ = ("data",)
 
