@@ -6,9 +6,10 @@ Layout under ``<root>/storage``::
     l/<link id>                  -> ../layers/<chain-id hex>/diff, a short name for mount options
     tmp/                         unpacks in progress
 
-A layer is unpacked into ``tmp/`` and renamed into ``layers/`` only when complete, and recorded
-in the catalog after that, so a crash never leaves a half layer visible: ``recover()`` at start
-deletes whatever in ``layers/`` the catalog does not know.
+A layer blob is never stored: it is unpacked into ``tmp/`` while it downloads, renamed into
+``layers/`` only when complete and both its digests matched, and recorded in the catalog after
+that, so a crash never leaves a half layer visible: ``recover()`` at start deletes whatever in
+``layers/`` the catalog does not know.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 from crivm.storage.blobs import DigestMismatch
 from crivm.storage.catalog import Catalog, LayerRecord
-from crivm.storage.layer_unpack import UnpackResult, unpack_layer
+from crivm.storage.chunk_pipe import ChunkPipe
+from crivm.storage.layer_unpack import UnpackResult, unpack_stream
 
 log = logging.getLogger(__name__)
+
+# The unpacking thread takes the download in batches of at least this many bytes (see
+# chunk_pipe), and at most _PIPE_LIMIT wait for it before the download is held back.
+_PIPE_BATCH = 1 << 20
+_PIPE_LIMIT = 8 << 20
 
 
 def chain_ids(diff_ids: Iterable[str]) -> list[str]:
@@ -64,14 +70,17 @@ class LayerStore:
         return self.links_dir / layer.link_id
 
     async def unpack(
-        self, chain_id: str, parent: str, diff_id: str, blob: Path, blob_digest: str,
-        progress: Callable[[int], None],
+        self, chain_id: str, parent: str, diff_id: str, blob_digest: str, source: str,
+        download: AsyncIterator[bytes], progress: Callable[[int], None],
     ) -> LayerRecord:
-        """Unpack ``blob`` as layer ``chain_id``; the uncompressed stream must hash to diff_id."""
+        """Unpack the blob ``download`` yields, as it arrives, as layer ``chain_id``. The blob
+        must hash to ``blob_digest`` and its tar stream to ``diff_id``; the layer becomes
+        visible only after both matched."""
         work = Path(tempfile.mkdtemp(prefix="layer-", dir=self._tmp_dir))
         try:
             (work / "diff").mkdir(mode=0o755)
-            result = await _unpack_in_thread(blob, work / "diff", progress)
+            result = await _unpack_while_downloading(
+                download, work / "diff", blob_digest, source, progress)
             if result.diff_id != diff_id:
                 raise DigestMismatch(
                     f"layer {blob_digest} unpacks to {result.diff_id}, but the image config "
@@ -122,28 +131,32 @@ class LayerStore:
                           "that use it and pull them again", layer.chain_id)
 
 
-class _Stopped(Exception):
-    """Raised inside the unpack thread to stop it when the pull was cancelled."""
-
-
-async def _unpack_in_thread(
-    blob: Path, dest: Path, progress: Callable[[int], None]
+async def _unpack_while_downloading(
+    download: AsyncIterator[bytes], dest: Path, blob_digest: str, source: str,
+    progress: Callable[[int], None],
 ) -> UnpackResult:
-    """Unpack in a worker thread; a cancelled caller stops the thread and waits for it, so the
-    directory is no longer written to once this returns."""
-    stop = threading.Event()
+    """Feed the download to an unpacking thread as it arrives. On any failure or cancellation
+    the thread is stopped and waited for, so ``dest`` is no longer written to once this
+    returns or raises."""
+    pipe = ChunkPipe(batch=_PIPE_BATCH, limit=_PIPE_LIMIT)
 
-    def tick(count: int) -> None:
-        if stop.is_set():
-            raise _Stopped()
-        progress(count)
+    def unpack() -> UnpackResult:
+        try:
+            return unpack_stream(pipe.get, dest, blob_digest, source, check=pipe.check,
+                                 progress=progress)
+        finally:
+            pipe.reader_done()
 
-    future = asyncio.ensure_future(asyncio.to_thread(unpack_layer, blob, dest, tick))
+    thread = asyncio.ensure_future(asyncio.to_thread(unpack))
     try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        stop.set()
-        await asyncio.gather(future, return_exceptions=True)
+        async for chunk in download:
+            if not await pipe.put(chunk):
+                break  # the thread stopped early; its result says why
+        pipe.close()
+        return await asyncio.shield(thread)
+    except BaseException:
+        pipe.abort()
+        await asyncio.gather(thread, return_exceptions=True)
         raise
 
 

@@ -1,4 +1,4 @@
-"""Unpack one layer tarball into a directory, safely, in overlayfs form.
+"""Unpack one layer's tar stream into a directory, safely, in overlayfs form, as it downloads.
 
 A layer comes from the network, so every path in it is hostile until checked. Nothing here
 follows a symlink: each parent directory is opened one component at a time with
@@ -10,48 +10,39 @@ parses the headers; ``extractall`` is never used.
 Whiteouts become what overlayfs reads: ``.wh.NAME`` a 0/0 character device called NAME, and
 ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr on its directory.
 
-Runs in a worker thread (``asyncio.to_thread``): it is all blocking file I/O.
+Runs in a worker thread: it is all blocking file I/O. The caller owns ``dest`` and removes it
+whatever this raises; nothing here is trusted until both digests matched.
 """
 
 from __future__ import annotations
 
-import bz2
 import errno
-import gzip
-import hashlib
-import io
 import logging
-import lzma
 import os
 import shutil
 import stat
 import tarfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crivm.errors import CrivmError, PermissionDenied, Unimplemented
+from crivm.errors import CrivmError, PermissionDenied
+from crivm.storage.blobs import DigestMismatch
+from crivm.storage.layer_stream import BLOCK, CorruptLayer, LayerDecoder, TarStreamReader
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CorruptLayer", "UnpackResult", "UnsafeLayer", "split_entry_name", "unpack_stream"]
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
-_CHUNK = 1 << 20
-_STREAM_ERRORS = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafeLayer(PermissionDenied):
     """A layer entry tried to reach outside the layer root. The whole layer is refused."""
-
-
-class CorruptLayer(CrivmError):
-    """The layer is not a readable tar stream (truncated, bad header, bad compression)."""
-
-    code = "DATA_LOSS"
 
 
 @dataclass(frozen=True)
@@ -60,65 +51,53 @@ class UnpackResult:
     size: int  # bytes of the uncompressed tar stream
 
 
-class _HashingReader:
-    """A read-only stream that hashes and counts what passes through it."""
-
-    def __init__(self, inner: io.BufferedIOBase, progress: Callable[[int], None] | None) -> None:
-        self._inner = inner
-        self._progress = progress
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self.sha256.update(data)
-        self.size += len(data)
-        if self._progress is not None and data:
-            self._progress(len(data))
-        return data
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
-def open_decompressed(path: Path) -> io.BufferedIOBase:
-    """Open a layer blob, undoing gzip/bzip2/xz by magic number rather than by media type."""
-    raw = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed with the wrapper
-    magic = raw.read(6)
-    raw.seek(0)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if magic.startswith(b"BZh"):
-        return bz2.BZ2File(raw, "rb")
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(raw, "rb")
-    if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        raw.close()
-        raise Unimplemented("zstd-compressed layers are not supported; use gzip")
-    return raw
-
-
-def unpack_layer(
-    blob: Path, dest: Path, progress: Callable[[int], None] | None = None
+def unpack_stream(
+    next_chunk: Callable[[], bytes], dest: Path, blob_digest: str, source: str,
+    *, check: Callable[[], None] = lambda: None, progress: Callable[[int], None] | None = None,
 ) -> UnpackResult:
-    """Unpack the (possibly compressed) tar ``blob`` into the existing empty directory ``dest``."""
-    with open_decompressed(blob) as stream:
-        reader = _HashingReader(stream, progress)
-        root_fd = os.open(dest, _DIR_FLAGS)
+    """Unpack the (possibly compressed) layer whose bytes ``next_chunk`` returns (b"" at the
+    end) into the existing empty directory ``dest``, checking that they hash to
+    ``blob_digest``. The diff_id is the caller's to check.
+
+    A layer that fails to unpack is read to its end all the same: when its bytes are not the
+    blob ``blob_digest`` names, the damaged download is the error to report, not its effect.
+    """
+    decoder = LayerDecoder(next_chunk, blob_digest.partition(":")[0], check, progress)
+    try:
+        _extract(TarStreamReader(decoder.blocks()), dest, blob_digest)
+    except CrivmError as exc:
+        decoder.drain()
+        if (mismatch := _mismatch(decoder, blob_digest, source)) is not None:
+            raise mismatch from exc
+        raise
+    if (mismatch := _mismatch(decoder, blob_digest, source)) is not None:
+        raise mismatch
+    return UnpackResult(diff_id=decoder.diff_id, size=decoder.size)
+
+
+def _extract(reader: TarStreamReader, dest: Path, what: str) -> None:
+    root_fd = os.open(dest, _DIR_FLAGS)
+    try:
+        extractor = _Extractor(root_fd)
         try:
-            extractor = _Extractor(root_fd)
-            try:
-                with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
-                    for member in archive:
-                        extractor.add(member, archive)
-                reader.drain()
-            except _STREAM_ERRORS as exc:
-                raise CorruptLayer(f"layer {blob.name} is not a valid tar stream: {exc}") from exc
-            extractor.finish()
-        finally:
-            os.close(root_fd)
-    return UnpackResult(diff_id=f"sha256:{reader.sha256.hexdigest()}", size=reader.size)
+            # Not "r|": tarfile's stream mode copies its buffer on every read. The reader
+            # seeks forward only, which is all tarfile does when members are read in order.
+            with tarfile.open(fileobj=reader, mode="r:") as archive:  # type: ignore[call-overload]
+                for member in archive:
+                    extractor.add(member, archive)
+            reader.drain()
+        except tarfile.TarError as exc:
+            raise CorruptLayer(f"layer {what} is not a valid tar stream: {exc}") from exc
+        extractor.finish()
+    finally:
+        os.close(root_fd)
+
+
+def _mismatch(decoder: LayerDecoder, blob_digest: str, source: str) -> DigestMismatch | None:
+    if decoder.blob_digest == blob_digest:
+        return None
+    return DigestMismatch(f"blob from {source} should be {blob_digest} but hashes to "
+                          f"{decoder.blob_digest}; discarded")
 
 
 def split_entry_name(name: str) -> list[str]:
@@ -272,7 +251,7 @@ class _Extractor:
         try:
             source = archive.extractfile(member)
             if source is not None:
-                while chunk := source.read(_CHUNK):
+                while chunk := source.read(BLOCK):
                     _write_all(fd, chunk)
             os.fchown(fd, member.uid, member.gid)
             os.fchmod(fd, mode)

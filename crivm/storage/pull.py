@@ -10,6 +10,7 @@ unpacked) for ``progress_timeout`` seconds with DeadlineExceeded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -243,17 +244,19 @@ class Puller:
         if self._blobs.has(descriptor.digest):
             return self._blobs.path(descriptor.digest)
         writer = self._blobs.writer(descriptor.digest)
-
-        def fetched(count: int) -> None:
-            self.bytes_downloaded += count
-            progress(count)
-
         try:
-            await client.fetch_blob(descriptor.digest, descriptor.size, writer, fetched)
+            await client.fetch_blob(descriptor.digest, descriptor.size, writer,
+                                    self._counted(progress))
             return writer.commit(client.host)
         except BaseException:
             writer.discard()
             raise
+
+    def _counted(self, progress: Callable[[int], None]) -> Callable[[int], None]:
+        def fetched(count: int) -> None:
+            self.bytes_downloaded += count
+            progress(count)
+        return fetched
 
     async def _layer(self, client: RegistryClient, limit: asyncio.Semaphore,
                      descriptor: Descriptor, diff_id: str, chain: str, parent: str,
@@ -284,14 +287,11 @@ class Puller:
     async def _fetch_layer(self, client: RegistryClient, limit: asyncio.Semaphore,
                            descriptor: Descriptor, diff_id: str, chain: str, parent: str,
                            job: _LayerJob) -> LayerRecord:
-        async with limit:
-            blob = await self._ensure_blob(client, descriptor, job.progress)
-        try:
-            return await self._layers.unpack(chain, parent, diff_id, blob, descriptor.digest,
-                                             job.progress)
-        finally:
-            # The unpacked layer is the content from now on; a bad blob must not linger either.
-            self._blobs.delete(descriptor.digest)
+        # Unpacked as it downloads: the layer is the content from then on, the blob is not kept.
+        async with limit, contextlib.aclosing(client.blob_chunks(
+                descriptor.digest, descriptor.size, self._counted(job.progress))) as download:
+            return await self._layers.unpack(chain, parent, diff_id, descriptor.digest,
+                                             client.host, download, job.progress)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

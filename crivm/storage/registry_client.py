@@ -1,9 +1,10 @@
 """A client for one repository at one registry endpoint (Docker Registry HTTP API v2).
 
-It fetches manifests and streams blobs into a ``BlobWriter``, answering ``401`` challenges
-with Bearer tokens (``WWW-Authenticate: Bearer realm=...``) or Basic credentials. HTTP and
-network failures are translated into crivm errors here, once: 401/403 -> Unauthenticated,
-404 -> NotFound, 5xx/429 and connection failures -> Unavailable, each naming the registry.
+It fetches manifests and streams blobs (into a ``BlobWriter``, or to whoever iterates them),
+answering ``401`` challenges with Bearer tokens (``WWW-Authenticate: Bearer realm=...``) or
+Basic credentials. HTTP and network failures are translated into crivm errors here, once:
+401/403 -> Unauthenticated, 404 -> NotFound, 5xx/429 and connection failures -> Unavailable,
+each naming the registry.
 
 TLS uses the system CAs plus ``<registry_certs_dir>/<host[:port]>/*.crt`` (and a client
 certificate from ``*.cert`` + ``*.key``). Plain http is used only for registries that
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,24 +103,35 @@ class RegistryClient:
         self._progress(len(body))
         return FetchedManifest(body, content_type, digest)
 
-    async def fetch_blob(self, digest: str, expected_size: int, writer: BlobWriter,
-                         progress: Callable[[int], None]) -> None:
-        """Stream blob ``digest`` into ``writer``; the caller commits (verifies) it."""
+    async def blob_chunks(self, digest: str, expected_size: int,
+                          progress: Callable[[int], None]) -> AsyncGenerator[bytes, None]:
+        """Blob ``digest`` in the pieces the socket delivers; verifying it is the caller's job.
+        Close it (``contextlib.aclosing``) to give the connection back early."""
         path = f"/v2/{self.repository}/blobs/{digest}"
         async with await self._request(path, {}, f"{self.name}@{digest}") as response:
+            received = 0
             try:
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    writer.write(chunk)
-                    if writer.size > expected_size >= 0:
+                # iter_any: everything buffered at once, so one hop per socket read.
+                async for chunk in response.content.iter_any():
+                    received += len(chunk)
+                    if received > expected_size >= 0:
                         raise DigestMismatch(
                             f"blob {digest} from {self.host} is larger than the "
                             f"{expected_size} bytes its descriptor says"
                         )
                     progress(len(chunk))
+                    yield chunk
             except _NETWORK_ERRORS as exc:
                 raise Unavailable(
                     f"registry {self.host}: download of {digest} broke off: {_describe(exc)}"
                 ) from exc
+
+    async def fetch_blob(self, digest: str, expected_size: int, writer: BlobWriter,
+                         progress: Callable[[int], None]) -> None:
+        """Stream blob ``digest`` into ``writer``; the caller commits (verifies) it."""
+        async with contextlib.aclosing(self.blob_chunks(digest, expected_size, progress)) as chunks:
+            async for chunk in chunks:
+                writer.write(chunk)
 
     # -- HTTP with authentication ---------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""Layer unpacking: whiteout conversion, metadata, and every way out of the layer root."""
+"""Layer unpacking: whiteout conversion, metadata, and every way out of the layer root.
+
+Every test here goes through ``unpack_stream``, the path a pull takes, fed from the blob file
+in pieces as a download would be."""
 
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import pytest
 from crivm.storage.layer_unpack import (
     OPAQUE_XATTR,
     CorruptLayer,
+    UnpackResult,
     UnsafeLayer,
     split_entry_name,
-    unpack_layer,
+    unpack_stream,
 )
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted.*)")
@@ -47,6 +51,14 @@ def _layer(tmp: Path, entries: list[tuple[tarfile.TarInfo, bytes]], *, gz: bool 
     path.write_bytes(gzip.compress(raw) if gz else raw)
     (tmp / "raw.sha256").write_text(hashlib.sha256(raw).hexdigest())
     return path
+
+
+def unpack_layer(blob: Path, dest: Path, piece: int = 64 * 1024) -> UnpackResult:
+    """Unpack the blob file as a pull would, in pieces of ``piece`` bytes."""
+    data = blob.read_bytes()
+    pieces = iter([data[i:i + piece] for i in range(0, len(data), piece)])
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return unpack_stream(lambda: next(pieces, b""), dest, digest, "test")
 
 
 @pytest.fixture
