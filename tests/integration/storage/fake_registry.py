@@ -1,8 +1,9 @@
 """A tiny distribution-API server for the failures a real registry never produces.
 
 docker-registry verifies what is pushed to it and always answers, so corrupt blobs, stalled
-downloads and a Bearer token service are served by this aiohttp app instead. It speaks just
-enough of the API for a pull: ``/v2/``, manifests by tag or digest, blobs, and ``/token``.
+and truncated downloads and a Bearer token service are served by this aiohttp app instead. It
+speaks just enough of the API for a pull: ``/v2/``, manifests by tag or digest, blobs, and
+``/token``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FakeRegistry:
     blobs: dict[str, bytes] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)  # served with one byte flipped
     stall: set[str] = field(default_factory=set)  # first bytes sent, then silence
+    truncate: set[str] = field(default_factory=set)  # half sent, then the connection closed
     # With bearer_user set, every /v2/ call needs a token from /token for these credentials.
     bearer_user: tuple[str, str] | None = None
     # An OAuth2 refresh token that /token accepts by POST (CRI identity_token).
@@ -113,6 +115,11 @@ class FakeRegistry:
         if digest in self.stall:
             await response.write(data[:10])
             await asyncio.sleep(3600)
+        if digest in self.truncate:
+            await response.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
         await response.write(data)
         return response
 

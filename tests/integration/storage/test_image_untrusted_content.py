@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import tarfile
@@ -11,7 +12,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from crivm.errors import DeadlineExceeded, Unauthenticated
+from crivm.errors import DeadlineExceeded, Unauthenticated, Unavailable
 from crivm.storage.blobs import DigestMismatch
 from crivm.storage.credentials import Credentials
 from crivm.storage.layer_unpack import UnsafeLayer
@@ -100,6 +101,54 @@ async def test_corrupt_blob_is_rejected_and_not_stored(
     assert not any((images.storage_dir / "tmp").iterdir())
 
 
+def _assert_nothing_half_made(images: ImageService, layer_digest: str) -> None:
+    """No temp dir, no layer without its row, and nothing of the layer ``layer_digest``."""
+    assert not any((images.storage_dir / "tmp").iterdir())
+    recorded = {layer.chain_id.partition(":")[2] for layer in images._catalog.list_layers()}
+    assert {p.name for p in (images.storage_dir / "layers").iterdir()} == recorded
+    assert all(layer.blob_digest != layer_digest for layer in images._catalog.list_layers())
+    layer_hex = layer_digest.partition(":")[2]
+    assert not any(layer_hex in str(p) for p in _stored_files(images))
+
+
+async def test_truncated_download_is_unavailable_and_nothing_kept(
+    open_images: OpenImages, tmp_path: Path, fake_registry: FakeRegistry
+) -> None:
+    image = image_recipes.multilayer_image()
+    fake_registry.add_image("crivm-test/multi", "latest", image)
+    truncated = image.layers[-1].blob.digest
+    fake_registry.truncate.add(truncated)
+    images = await _images_for(open_images, tmp_path, fake_registry.host)
+    with pytest.raises(Unavailable, match=f"download of {truncated} broke off"):
+        await images.pull(fake_registry.ref("crivm-test/multi", "latest"))
+    assert images.list_images() == []
+    _assert_nothing_half_made(images, truncated)
+
+
+async def test_pull_cancelled_mid_layer_leaves_nothing(
+    open_images: OpenImages, tmp_path: Path, fake_registry: FakeRegistry
+) -> None:
+    """The watchdog cancels the pull while one layer is half streamed into its unpacking
+    thread and the others are done: the thread stops and its temp dir goes."""
+    image = image_recipes.multilayer_image()
+    fake_registry.add_image("crivm-test/multi", "latest", image)
+    stalled = image.layers[0].blob.digest
+    fake_registry.stall.add(stalled)
+    images = await _images_for(open_images, tmp_path, fake_registry.host,
+                               image_pull_progress_timeout_s=1.5)
+    pull = asyncio.create_task(images.pull(fake_registry.ref("crivm-test/multi", "latest")))
+    deadline = time.monotonic() + 10
+    while f"GET blob {stalled}" not in fake_registry.requests:
+        assert time.monotonic() < deadline, "the stalled layer was never requested"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    assert any((images.storage_dir / "tmp").iterdir()), "the stalled layer is mid-unpack"
+    with pytest.raises(DeadlineExceeded):
+        await pull
+    assert images.list_images() == []
+    _assert_nothing_half_made(images, stalled)
+
+
 async def test_corrupt_config_is_rejected(
     open_images: OpenImages, tmp_path: Path, fake_registry: FakeRegistry
 ) -> None:
@@ -126,6 +175,7 @@ async def test_stalled_pull_times_out(
     elapsed = time.monotonic() - started
     assert 2.0 <= elapsed < 6.0
     assert images.list_images() == []
+    _assert_nothing_half_made(images, image.layers[0].blob.digest)
 
 
 async def test_bearer_token_flow(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from crivm.storage.blobs import DigestMismatch
 from crivm.storage.layer_unpack import (
     OPAQUE_XATTR,
     CorruptLayer,
@@ -202,3 +203,72 @@ def test_truncated_layer_is_corrupt(tmp_path: Path, dest: Path) -> None:
     blob.write_bytes(blob.read_bytes()[:5000])
     with pytest.raises(CorruptLayer):
         unpack_layer(blob, dest)
+
+
+def test_a_blob_that_does_not_hash_to_its_digest_is_refused(tmp_path: Path, dest: Path) -> None:
+    blob = _layer(tmp_path, [(_entry("a"), b"x")])
+    data = blob.read_bytes()
+    pieces = iter([data])
+    with pytest.raises(DigestMismatch, match="should be sha256:0000"):
+        unpack_stream(lambda: next(pieces, b""), dest, "sha256:" + "0" * 64, "test")
+
+
+@pytest.mark.parametrize("right_digest", [True, False])
+def test_damaged_download_is_reported_as_such_not_as_a_bad_tar(
+    tmp_path: Path, dest: Path, right_digest: bool
+) -> None:
+    """Bytes that are no tar: CorruptLayer when they are what the digest names, else the
+    mismatch, found by reading the download to its end after the tar failed."""
+    data = b"\xff" * 5000
+    pieces = iter([data[:1000], data[1000:]])
+    digest = "sha256:" + hashlib.sha256(data if right_digest else b"other").hexdigest()
+    expected = CorruptLayer if right_digest else DigestMismatch
+    with pytest.raises(expected):
+        unpack_stream(lambda: next(pieces, b""), dest, digest, "test")
+    assert next(pieces, None) is None, "the whole download was read"
+
+
+def _tree(root: Path, made_now: set[str]) -> dict[str, tuple[object, ...]]:
+    """Everything that defines an unpacked layer, per path; ``made_now`` has no tar entry of
+    its own (parents made on the way, whiteout devices), so its mtime is the unpack's."""
+    found: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        st = path.lstat()
+        content: object = None
+        if stat.S_ISREG(st.st_mode):
+            content = path.read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        xattrs = {name: os.getxattr(path, name, follow_symlinks=False)
+                  for name in os.listxattr(path, follow_symlinks=False)}
+        found[name] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_nlink,
+                       None if name in made_now else st.st_mtime_ns, content, xattrs)
+    return found
+
+
+@needs_root
+def test_piece_boundaries_do_not_change_the_result(tmp_path: Path) -> None:
+    """Whiteouts, opaque dirs, hard and symbolic links, devices, xattrs and a file larger
+    than a block: the same tree and diff_id however the download is cut up."""
+    blob = _layer(tmp_path, [
+        (_entry("etc", tarfile.DIRTYPE), b""),
+        (_entry("etc/.wh.motd"), b""),
+        (_entry("var/cache", tarfile.DIRTYPE), b""),
+        (_entry("var/cache/.wh..wh..opq"), b""),
+        (_entry("var/cache/kept", uid=7, gid=8, mode=0o4750), b"k"),
+        (_entry("big", pax_headers={"SCHILY.xattr.user.n": "v"}), os.urandom(3 << 20)),
+        (_entry("hard", tarfile.LNKTYPE, linkname="big"), b""),
+        (_entry("sym", tarfile.SYMTYPE, linkname="../nowhere"), b""),
+        (_entry("dev/tty", tarfile.CHRTYPE, devmajor=5, devminor=0), b""),
+    ])
+    trees = []
+    for piece in (7, 4096, 1 << 20, 1 << 24):
+        out = tmp_path / f"out-{piece}"
+        out.mkdir()
+        result = unpack_layer(blob, out, piece)
+        assert result.diff_id == "sha256:" + (tmp_path / "raw.sha256").read_text()
+        trees.append(_tree(out, {"var", "dev", "etc/motd"}))
+    assert trees[0]["etc/motd"][3] == 0 and trees[0]["hard"][4] == 2
+    assert trees[0]["var/cache"][7] == {OPAQUE_XATTR: b"y"}
+    assert all(tree == trees[0] for tree in trees[1:])
