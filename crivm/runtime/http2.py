@@ -128,7 +128,6 @@ class Http2Connection(asyncio.Protocol):
         self._send_window = DEFAULT_WINDOW  # the peer's connection window for our DATA
         self._receive_window = CONNECTION_RECEIVE_WINDOW
         self._going_away = False
-        self.closed = asyncio.Event()
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -179,8 +178,7 @@ class Http2Connection(asyncio.Protocol):
             self._fail(exc.code, str(exc))
             return
         self._buffer = buffer[pos:]
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+        self._write(b"".join(out))
 
     def connection_lost(self, exc: Exception | None) -> None:
         streams = list(self.streams.values())
@@ -189,7 +187,6 @@ class Http2Connection(asyncio.Protocol):
             self._close_stream(stream)
             self.listener.stream_reset(self, stream)
         self.transport = None
-        self.closed.set()
         if self._on_close is not None:
             self._on_close(self)
 
@@ -222,9 +219,9 @@ class Http2Connection(asyncio.Protocol):
                 self._close_stream(stream)
                 self.listener.stream_reset(self, stream)
         elif kind == GOAWAY:
-            # The client opens nothing new; what it started still gets its answers.
+            # The client opens nothing new; what it started still gets its answers (the
+            # connection closes after the last, in ``_write``).
             self._going_away = True
-            self._close_if_idle()
         elif kind == PUSH_PROMISE:
             raise ProtocolViolation(PROTOCOL_ERROR, "a client cannot push")
         # PRIORITY and unknown frame types are ignored, as the RFC asks.
@@ -374,9 +371,10 @@ class Http2Connection(asyncio.Protocol):
         a trailers-only response and the stream is done."""
         if stream.closed or self.transport is None:
             return
-        self._write(self._header_frames(stream.id, block, end_stream))
+        out = [self._header_frames(stream.id, block, end_stream)]
         if end_stream:
-            self._finished(stream)
+            self._finished(stream, out)
+        self._write(b"".join(out))
 
     def send_response(self, stream: Stream, headers: bytes, data: bytes, trailers: bytes) -> None:
         """A whole response, in one write when the peer's windows take the data."""
@@ -458,19 +456,20 @@ class Http2Connection(asyncio.Protocol):
         if not pending and stream.trailers is not None:
             out.append(self._header_frames(stream.id, stream.trailers, True))
             stream.trailers = None
-            self._finished(stream)
+            self._finished(stream, out)
 
     def _flush_all(self, out: list[bytes]) -> None:
         for stream in list(self.streams.values()):
             if stream.pending or stream.trailers is not None:
                 self._flush(stream, out)
 
-    def _finished(self, stream: Stream) -> None:
-        """This side ended the stream. A peer still sending is told to stop (RFC 9113
-        section 8.1: RST_STREAM with NO_ERROR after a complete response)."""
+    def _finished(self, stream: Stream, out: list[bytes]) -> None:
+        """This side ended the stream (its last frame is in ``out``). A peer still sending
+        is told to stop (RFC 9113 section 8.1: RST_STREAM with NO_ERROR after a complete
+        response)."""
         self._close_stream(stream)
         if not stream.ended_remote:
-            self._write(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
+            out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
         self._forget(stream)
 
     def _reset(self, stream: Stream, code: int, out: list[bytes]) -> None:
@@ -491,15 +490,17 @@ class Http2Connection(asyncio.Protocol):
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
-        self._close_if_idle()
 
     def _close_if_idle(self) -> None:
         if self._going_away and not self.streams and self.transport is not None:
             self.transport.close()
 
     def _write(self, data: bytes) -> None:
+        """Write, then close if a going-away connection has no stream left (after the
+        write, so that the last stream's final frames go out first)."""
         if self.transport is not None and data:
             self.transport.write(data)
+        self._close_if_idle()
 
     def _fail(self, code: int, message: str) -> None:
         log.warning("closing an HTTP/2 connection: %s", message)

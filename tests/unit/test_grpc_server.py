@@ -61,6 +61,10 @@ class Handlers:
             raise
         return api_pb2.StopContainerResponse()
 
+    async def pods(self, request: api_pb2.ListPodSandboxRequest) -> Any:
+        await asyncio.sleep(0.5)
+        return api_pb2.ListPodSandboxResponse(items=[api_pb2.PodSandbox(id="p")])
+
     async def events(self, request: api_pb2.GetEventsRequest) -> AsyncIterator[Any]:
         for number in range(2000):
             yield api_pb2.ContainerEventResponse(container_id=f"{number}" + "x" * 1000)
@@ -80,6 +84,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Handlers, str, GrpcServe
             "CreateContainer", api_pb2.CreateContainerRequest.FromString, handlers.create),
         service + "StopContainer": Method(
             "StopContainer", api_pb2.StopContainerRequest.FromString, handlers.stop),
+        service + "ListPodSandbox": Method(
+            "ListPodSandbox", api_pb2.ListPodSandboxRequest.FromString, handlers.pods),
         service + "GetContainerEvents": Method(
             "GetContainerEvents", api_pb2.GetEventsRequest.FromString, handlers.events, True),
     }
@@ -219,12 +225,19 @@ async def test_stop_lets_running_calls_finish(served: Any) -> None:
     handlers, path, server = served
     async with _channel(path) as channel:
         runtime = api_pb2_grpc.RuntimeServiceStub(channel)
-        call = runtime.StopContainer(api_pb2.StopContainerRequest())
+        quick = runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10)
+        slow = runtime.StopContainer(api_pb2.StopContainerRequest())
         await asyncio.sleep(0.2)
-        await server.stop(0.2)  # the call outlives the grace: cancelled
+        await server.stop(2.0)
+        # Within the grace: answered; beyond it: cancelled.
+        assert [pod.id for pod in (await quick).items] == ["p"]
         await asyncio.wait_for(handlers.cancelled.wait(), 5)
         with pytest.raises(grpc.aio.AioRpcError):
-            await call
+            await slow
+        # Nothing new is taken.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await runtime.Version(api_pb2.VersionRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
