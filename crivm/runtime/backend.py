@@ -195,7 +195,10 @@ class RuntimeBackend(Protocol):
         """Create (not start) the container; on failure leave nothing behind."""
         ...
 
-    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+    async def start_container(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> dict[str, Any]:
+        """Start a created container; fields to add to its row's ``extra`` (may be empty)."""
         ...
 
     async def stop_container(
@@ -347,7 +350,9 @@ class _Missing:
     async def create_container(self, request: ContainerRequest) -> dict[str, Any]:
         self._refuse()
 
-    async def start_container(self, pod: PodRecord, container: ContainerRecord) -> None:
+    async def start_container(
+        self, pod: PodRecord, container: ContainerRecord
+    ) -> dict[str, Any]:
         self._refuse()
 
     async def stop_container(

@@ -203,3 +203,69 @@ def test_stop_after_infra_died(crivm_daemon: CrivmDaemon, busybox_image: PushedI
     with pytest.raises(grpc.RpcError) as failure:
         cri.create(pod_id, busybox("late", "true"), pod_config)
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _conmons_of(container_id: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"conmon") and container_id.encode() in b" ".join(argv):
+            found.append(int(entry))
+    return found
+
+
+def test_runtime_create_waits_for_start(crivm_daemon: CrivmDaemon,
+                                        busybox_image: PushedImage) -> None:
+    """CreateContainer writes the bundle; conmon and `runc create` run in StartContainer
+    (as containerd does), so until then there is no runtime state and no monitor."""
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("deferred")
+    pod_id = cri.run_pod(pod_config)
+    runc_state = crivm_daemon.runroot / "runc"
+
+    # Resources updated while only created reach the container when it starts.
+    ctr_id = cri.create(pod_id, busybox("limited", "sleep 600"), pod_config)
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_CREATED
+    assert not list(runc_state.glob(f"*/{ctr_id}")) and not _conmons_of(ctr_id)
+    cri.runtime.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
+        container_id=ctr_id,
+        linux=api_pb2.LinuxContainerResources(memory_limit_in_bytes=64 << 20),
+    ))
+    cri.start(ctr_id)
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_RUNNING
+    assert len(_conmons_of(ctr_id)) == 1
+    limit = cri.exec_sync(ctr_id, ["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"])
+    assert int(limit.stdout) == 64 << 20
+    with pytest.raises(grpc.RpcError) as again:
+        cri.start(ctr_id)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    # A command the image cannot vouch for (it is on a volume) fails at start, and the
+    # failed start leaves the container as it was: created, no runtime state, no conmon.
+    volume = crivm_daemon.base / "empty-volume"
+    volume.mkdir()
+    on_volume = busybox("on-volume", "")
+    on_volume.command[:] = ["/data/missing"]
+    on_volume.mounts.append(api_pb2.Mount(container_path="/data", host_path=str(volume)))
+    broken_id = cri.create(pod_id, on_volume, pod_config)
+    with pytest.raises(grpc.RpcError):
+        cri.start(broken_id)
+    assert cri.status(broken_id).status.state == api_pb2.CONTAINER_CREATED
+    assert not list(runc_state.glob(f"*/{broken_id}")) and not _conmons_of(broken_id)
+
+    # Stopping a container that never started leaves it created (nothing runs); removal
+    # takes its bundle, rootfs and row (the fixture checks for leaks at teardown).
+    idle_id = cri.create(pod_id, busybox("idle", "sleep 600"), pod_config)
+    cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=idle_id, timeout=5))
+    assert cri.status(idle_id).status.state == api_pb2.CONTAINER_CREATED
+    for container_id in (broken_id, idle_id):
+        cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id))
+    remaining = cri.runtime.ListContainers(api_pb2.ListContainersRequest()).containers
+    assert [c.id for c in remaining] == [ctr_id]

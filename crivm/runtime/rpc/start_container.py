@@ -22,8 +22,9 @@ async def handle(
     # Taken before the start: a short-lived process can exit before runc start returns, and
     # finished_at (conmon's exit file) must not precede started_at.
     started_at = now_ns()
-    await backend_of(daemon, pod).start_container(pod, ctr)
-    containers(daemon).update(ctr.id, state=CONTAINER_RUNNING, started_at=started_at)
+    extra = await backend_of(daemon, pod).start_container(pod, ctr)
+    containers(daemon).update(ctr.id, state=CONTAINER_RUNNING, started_at=started_at,
+                              extra={**ctr.extra, **extra})
     events.emit_container(daemon, pod.id, ctr.id, api_pb2.CONTAINER_STARTED_EVENT)
     log.info("started container %s", ctr.id, extra={"container_id": ctr.id, "pod_id": pod.id})
     return api_pb2.StartContainerResponse()

@@ -133,8 +133,8 @@ class RuncBackend:
             target = self._services.store.get_container(target_id)
         return await container.create(self.env, request, target)
 
-    async def start_container(self, pod: PodRecord, ctr: ContainerRecord) -> None:
-        await container.start(self.env, ctr)
+    async def start_container(self, pod: PodRecord, ctr: ContainerRecord) -> dict[str, Any]:
+        return await container.start(self.env, pod, ctr)
 
     async def stop_container(self, pod: PodRecord, ctr: ContainerRecord, timeout_s: float) -> None:
         await container.stop(self.env, ctr, timeout_s)

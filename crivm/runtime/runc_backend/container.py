@@ -28,11 +28,13 @@ from crivm.runtime.runc_backend.environment import (
     discard_layout,
     live_conmon_pid,
     make_layout_dirs,
+    read_spec,
     remove_layout,
     wait_for_exit,
     write_spec,
 )
 from crivm.runtime.runc_backend.host import move_to_cgroup
+from crivm.runtime.runc_backend.image_command import check_command
 from crivm.runtime.runc_backend.oci import OciRuntimeError, process_alive, signal_number
 from crivm.runtime.runc_backend.passwd import resolve_user
 from crivm.runtime.runc_backend.spec_resources import resources_section
@@ -40,6 +42,9 @@ from crivm.runtime.store import ContainerRecord, PodRecord
 from crivm.runtime.undo import UndoSteps
 
 log = logging.getLogger(__name__)
+
+# A row's extra field: False while the container exists only as its bundle (see ``create``).
+RUNTIME_CREATED = "runtime_created"
 
 KILL_WAIT_S = 10.0
 # A container whose process is gone gets this long for conmon to write its exit file.
@@ -139,15 +144,26 @@ def request_layout(env: RuncEnvironment, request: ContainerRequest) -> conmon.Co
     return env.layout(ctr_id, log_path or os.path.join(env.root, "oci", ctr_id, "console.log"))
 
 
+def write_bundle(undo: UndoSteps, layout: conmon.ContainerLayout,
+                 container_spec: dict[str, Any]) -> None:
+    undo.add("remove the container bundle", remove_layout, layout)
+    make_layout_dirs(layout)
+    write_spec(layout, container_spec)
+
+
 async def spawn_under_conmon(
     env: RuncEnvironment, undo: UndoSteps, layout: conmon.ContainerLayout,
     container_spec: dict[str, Any], config: api_pb2.ContainerConfig,
 ) -> int:
     """Write the bundle and have conmon create the container through the handler's runtime
     (runc, or crivm-shim for VM containers); each step registers its undo."""
-    undo.add("remove the container bundle", remove_layout, layout)
-    make_layout_dirs(layout)
-    write_spec(layout, container_spec)
+    write_bundle(undo, layout, container_spec)
+    return await _conmon_create(env, undo, layout, config)
+
+
+async def _conmon_create(env: RuncEnvironment, undo: UndoSteps, layout: conmon.ContainerLayout,
+                         config: api_pb2.ContainerConfig) -> int:
+    """conmon runs the runtime's ``create`` on the written bundle; the container's pid."""
     undo.add("delete the container", delete_container, env, layout)
     return await conmon.spawn(conmon.conmon_argv(
         conmon_path=env.conmon_path,
@@ -187,16 +203,17 @@ async def create(
         devices=_device_nodes(list(config.devices)),
         host=env.host,
     )
+    check_command(request.rootfs, container_spec)
     async with UndoSteps(extra) as undo:
         _ensure_mount_sources(list(config.mounts))
-        pid = await spawn_under_conmon(env, undo, layout, container_spec, config)
-        conmon_pid = conmon.read_pid(layout.conmon_pidfile)
-        move_to_cgroup(conmon_pid, request.pod.extra["cgroup_parent"])
+        write_bundle(undo, layout, container_spec)
         undo.commit()
-    env.exits.watch(ctr.id, conmon_pid)
-    log.info("created container %s (pid %d)", ctr.id, pid, extra=extra)
+    log.info("created container %s (runtime create deferred to its start)", ctr.id,
+             extra=extra)
     return {
-        "pid": pid,
+        # The runtime's ``create`` runs in StartContainer, as containerd does it: a created
+        # container is its bundle, its rootfs and its row until then.
+        RUNTIME_CREATED: False,
         "log_path": layout.log_path,
         "stop_signal": request.image.stop_signal,
         "user": {"uid": process_user.uid, "gid": process_user.gid,
@@ -204,15 +221,40 @@ async def create(
     }
 
 
-async def start(env: RuncEnvironment, container: ContainerRecord) -> None:
-    state = await env.runtime.state(container.id)
-    if state is None or state.status != "created":
-        status = state.status if state else "gone"
-        raise FailedPrecondition(f"container {container.id} is {status}, not created")
-    await env.runtime.start(container.id)
+async def start(env: RuncEnvironment, pod: PodRecord, container: ContainerRecord
+                ) -> dict[str, Any]:
+    """conmon + the runtime's ``create`` on the bundle CreateContainer wrote, then its
+    ``start``; the fields to add to the row. A failure leaves the container as it was,
+    created, with no runtime state and no conmon."""
+    if container.state != CONTAINER_CREATED:
+        raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
+    if container.extra.get(RUNTIME_CREATED, True):
+        # Created in the runtime at CreateContainer (crivm before 0.2 did that); runc
+        # itself refuses a container that is not in its created state.
+        await env.runtime.start(container.id)
+        return {}
+    config = api_pb2.ContainerConfig.FromString(container.config)
+    layout = layout_of(env, container)
+    extra = {"pod_id": pod.id, "container_id": container.id}
+    async with UndoSteps(extra) as undo:
+        pid = await _conmon_create(env, undo, layout, config)
+        conmon_pid = conmon.read_pid(layout.conmon_pidfile)
+        move_to_cgroup(conmon_pid, pod.extra["cgroup_parent"])
+        env.exits.watch(container.id, conmon_pid)
+        undo.add("forget the exit watch", env.exits.forget, container.id)
+        await env.runtime.start(container.id)
+        undo.commit()
+    log.info("started container %s (pid %d)", container.id, pid, extra=extra)
+    return {"pid": pid, RUNTIME_CREATED: True}
+
+
+def runtime_created(container: ContainerRecord) -> bool:
+    return bool(container.extra.get(RUNTIME_CREATED, True))
 
 
 async def stop(env: RuncEnvironment, container: ContainerRecord, timeout_s: float) -> None:
+    if not runtime_created(container):
+        return  # nothing runs yet; it stays created, as in containerd
     layout = layout_of(env, container)
     if conmon.read_exit(layout) is not None:
         return
@@ -287,6 +329,8 @@ def known_running(env: RuncEnvironment, container: ContainerRecord) -> bool:
 async def status(env: RuncEnvironment, container: ContainerRecord) -> ContainerStatus:
     """Cheap when nothing changed: a watched live conmon answers from memory, an exit
     file or a live pid without runc."""
+    if not runtime_created(container):
+        return ContainerStatus(state=CONTAINER_CREATED)
     pid = int(container.extra.get("pid", 0))
     if known_running(env, container):
         return ContainerStatus(state=CONTAINER_RUNNING, pid=pid)
@@ -328,12 +372,20 @@ async def update_resources(
     container: ContainerRecord,
     resources: api_pb2.LinuxContainerResources,
 ) -> None:
-    await env.runtime.update(container.id, resources_section(resources, env.host.resources))
+    section = resources_section(resources, env.host.resources)
+    if runtime_created(container):
+        await env.runtime.update(container.id, section)
+        return
+    # Not in the runtime yet: the bundle's spec is what the create will apply.
+    layout = layout_of(env, container)
+    container_spec = read_spec(layout)
+    container_spec.setdefault("linux", {}).setdefault("resources", {}).update(section)
+    write_spec(layout, container_spec)
 
 
 async def reopen_log(env: RuncEnvironment, container: ContainerRecord) -> None:
     layout = layout_of(env, container)
-    if conmon.read_exit(layout) is not None:
+    if not runtime_created(container) or conmon.read_exit(layout) is not None:
         raise FailedPrecondition(f"container {container.id} is not running")
     await asyncio.to_thread(conmon.reopen_log, layout)
     # conmon handles the fifo on its own loop; kubelet expects the new file to exist when

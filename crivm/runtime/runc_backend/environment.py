@@ -189,6 +189,12 @@ def write_spec(layout: ContainerLayout, spec: dict[str, Any]) -> None:
         json.dump(spec, fh)
 
 
+def read_spec(layout: ContainerLayout) -> dict[str, Any]:
+    with open(os.path.join(layout.bundle, "config.json"), encoding="utf-8") as fh:
+        spec: dict[str, Any] = json.load(fh)
+    return spec
+
+
 def live_conmon_pid(layout: ContainerLayout) -> int:
     """The pid of the container's conmon while it runs, else 0."""
     pid = read_pid(layout.conmon_pidfile)

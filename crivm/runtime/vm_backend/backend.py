@@ -150,8 +150,9 @@ class VmBackend:
     async def create_container(self, request: ContainerRequest) -> dict[str, Any]:
         return await container.create(self.vm, self.oci, request)
 
-    async def start_container(self, pod: PodRecord, ctr: ContainerRecord) -> None:
-        await runc_container.start(self.oci, ctr)
+    async def start_container(self, pod: PodRecord, ctr: ContainerRecord) -> dict[str, Any]:
+        # Created through conmon and the shim at CreateContainer: only the start is left.
+        return await runc_container.start(self.oci, pod, ctr)
 
     async def stop_container(self, pod: PodRecord, ctr: ContainerRecord, timeout_s: float) -> None:
         await runc_container.stop(self.oci, ctr, timeout_s)
