@@ -229,8 +229,9 @@ async def start(env: RuncEnvironment, pod: PodRecord, container: ContainerRecord
     if container.state != CONTAINER_CREATED:
         raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
     if container.extra.get(RUNTIME_CREATED, True):
-        # Created in the runtime at CreateContainer (crivm before 0.2 did that); runc
-        # itself refuses a container that is not in its created state.
+        # Created in the runtime at CreateContainer: a VM container (conmon and the shim),
+        # or a row from before the create moved here. The runtime itself refuses a
+        # container that is not in its created state.
         await env.runtime.start(container.id)
         return {}
     config = api_pb2.ContainerConfig.FromString(container.config)
