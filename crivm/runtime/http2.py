@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -53,6 +54,9 @@ MAX_HEADER_BLOCK = 64 << 10
 # A streaming response waits once this much of it is queued behind the peer's window.
 STREAM_HIGH_WATER = 1 << 20
 
+# Frames to go out in one write; response data as views of the caller's bytes.
+Frames = list[bytes | memoryview]
+
 _FRAME_HEADER = struct.Struct(">BHBBI")  # length is 24 bits: one byte, then two
 _SETTING = struct.Struct(">HI")
 _U32 = struct.Struct(">I")
@@ -76,7 +80,7 @@ class Stream:
 
     __slots__ = (
         "id", "headers", "body", "ended_remote", "closed", "send_window", "receive_window",
-        "pending", "trailers", "drained", "call",
+        "pending", "pending_size", "trailers", "drained", "call",
     )
 
     def __init__(self, stream_id: int, headers: list[tuple[str, str]], send_window: int) -> None:
@@ -87,7 +91,10 @@ class Stream:
         self.closed = False  # the response has ended (or the stream was reset)
         self.send_window = send_window
         self.receive_window = STREAM_RECEIVE_WINDOW
-        self.pending = bytearray()  # response DATA waiting for window
+        # Response DATA waiting for window, as views of the bytes handed in: a large
+        # response is copied once, into the write that sends it.
+        self.pending: deque[memoryview] = deque()
+        self.pending_size = 0
         self.trailers: bytes | None = None  # to go out once ``pending`` has
         self.drained: asyncio.Event | None = None
         self.call: object = None  # the listener's state for this stream
@@ -158,7 +165,7 @@ class Http2Connection(asyncio.Protocol):
                 return
             buffer = buffer[len(PREFACE):]
             self._preface_seen = True
-        out: list[bytes] = []
+        out: Frames = []
         pos = 0
         size = len(buffer)
         try:
@@ -193,7 +200,7 @@ class Http2Connection(asyncio.Protocol):
     # -- frames in ---------------------------------------------------------------------
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes,
-               out: list[bytes]) -> None:
+               out: Frames) -> None:
         if self._continuing is not None and kind != CONTINUATION:
             raise ProtocolViolation(PROTOCOL_ERROR, "header block interrupted")
         if kind == DATA:
@@ -273,7 +280,7 @@ class Http2Connection(asyncio.Protocol):
         if flags & END_STREAM:
             self._end_remote(stream)
 
-    def _data(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
+    def _data(self, flags: int, stream_id: int, payload: bytes, out: Frames) -> None:
         if not stream_id:
             raise ProtocolViolation(PROTOCOL_ERROR, "DATA on stream 0")
         # Flow control counts the whole payload, padding included.
@@ -315,7 +322,7 @@ class Http2Connection(asyncio.Protocol):
         else:
             self.listener.request_received(self, stream)
 
-    def _settings(self, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
+    def _settings(self, flags: int, stream_id: int, payload: bytes, out: Frames) -> None:
         if stream_id:
             raise ProtocolViolation(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
@@ -343,7 +350,7 @@ class Http2Connection(asyncio.Protocol):
         out.append(frame(SETTINGS, ACK, 0))
         self._flush_all(out)
 
-    def _window_update(self, stream_id: int, payload: bytes, out: list[bytes]) -> None:
+    def _window_update(self, stream_id: int, payload: bytes, out: Frames) -> None:
         if len(payload) != 4:
             raise ProtocolViolation(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
         increment = _U32.unpack(payload)[0] & MAX_WINDOW
@@ -371,26 +378,27 @@ class Http2Connection(asyncio.Protocol):
         a trailers-only response and the stream is done."""
         if stream.closed or self.transport is None:
             return
-        out = [self._header_frames(stream.id, block, end_stream)]
+        out: Frames = [self._header_frames(stream.id, block, end_stream)]
         if end_stream:
             self._finished(stream, out)
         self._write(b"".join(out))
 
-    def send_response(self, stream: Stream, headers: bytes, data: bytes, trailers: bytes) -> None:
+    def send_response(self, stream: Stream, headers: bytes, data: tuple[bytes, ...],
+                      trailers: bytes) -> None:
         """A whole response, in one write when the peer's windows take the data."""
         if stream.closed or self.transport is None:
             return
-        out = [self._header_frames(stream.id, headers, False)]
-        stream.pending += data
+        out: Frames = [self._header_frames(stream.id, headers, False)]
+        _queue(stream, data)
         stream.trailers = trailers
         self._flush(stream, out)
         self._write(b"".join(out))
 
-    def send_data(self, stream: Stream, data: bytes) -> None:
+    def send_data(self, stream: Stream, data: tuple[bytes, ...]) -> None:
         if stream.closed or self.transport is None:
             return
-        stream.pending += data
-        out: list[bytes] = []
+        _queue(stream, data)
+        out: Frames = []
         self._flush(stream, out)
         if out:
             self._write(b"".join(out))
@@ -399,19 +407,19 @@ class Http2Connection(asyncio.Protocol):
         if stream.closed or self.transport is None:
             return
         stream.trailers = block
-        out: list[bytes] = []
+        out: Frames = []
         self._flush(stream, out)
         if out:
             self._write(b"".join(out))
 
     async def drain(self, stream: Stream) -> None:
         """Wait while much of this stream's output is queued behind the peer's window."""
-        while len(stream.pending) > STREAM_HIGH_WATER and not stream.closed:
+        while stream.pending_size > STREAM_HIGH_WATER and not stream.closed:
             stream.drained = asyncio.Event()
             await stream.drained.wait()
 
     def reset(self, stream: Stream, code: int) -> None:
-        out: list[bytes] = []
+        out: Frames = []
         self._reset(stream, code, out)
         self._write(b"".join(out))
 
@@ -438,19 +446,31 @@ class Http2Connection(asyncio.Protocol):
         frames.append(frame(CONTINUATION, END_HEADERS, stream_id, pieces[-1]))
         return b"".join(frames)
 
-    def _flush(self, stream: Stream, out: list[bytes]) -> None:
+    def _flush(self, stream: Stream, out: Frames) -> None:
         """Move as much of ``stream``'s pending data into ``out`` as the windows allow,
         then its trailers once nothing is pending."""
         pending = stream.pending
         while pending:
-            size = min(len(pending), self._send_window, stream.send_window, self._peer_max_frame)
+            size = min(stream.pending_size, self._send_window, stream.send_window,
+                       self._peer_max_frame)
             if size <= 0:
                 break
-            out.append(frame(DATA, 0, stream.id, bytes(pending[:size])))
-            del pending[:size]
+            out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, DATA, 0, stream.id))
+            left = size
+            while left:
+                chunk = pending[0]
+                if len(chunk) <= left:
+                    out.append(chunk)
+                    pending.popleft()
+                    left -= len(chunk)
+                else:
+                    out.append(chunk[:left])
+                    pending[0] = chunk[left:]
+                    left = 0
+            stream.pending_size -= size
             self._send_window -= size
             stream.send_window -= size
-        if stream.drained is not None and len(pending) <= STREAM_HIGH_WATER:
+        if stream.drained is not None and stream.pending_size <= STREAM_HIGH_WATER:
             stream.drained.set()
             stream.drained = None
         if not pending and stream.trailers is not None:
@@ -458,12 +478,12 @@ class Http2Connection(asyncio.Protocol):
             stream.trailers = None
             self._finished(stream, out)
 
-    def _flush_all(self, out: list[bytes]) -> None:
+    def _flush_all(self, out: Frames) -> None:
         for stream in list(self.streams.values()):
             if stream.pending or stream.trailers is not None:
                 self._flush(stream, out)
 
-    def _finished(self, stream: Stream, out: list[bytes]) -> None:
+    def _finished(self, stream: Stream, out: Frames) -> None:
         """This side ended the stream (its last frame is in ``out``). A peer still sending
         is told to stop (RFC 9113 section 8.1: RST_STREAM with NO_ERROR after a complete
         response)."""
@@ -472,7 +492,7 @@ class Http2Connection(asyncio.Protocol):
             out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(NO_ERROR)))
         self._forget(stream)
 
-    def _reset(self, stream: Stream, code: int, out: list[bytes]) -> None:
+    def _reset(self, stream: Stream, code: int, out: Frames) -> None:
         if stream.closed:
             return
         out.append(frame(RST_STREAM, 0, stream.id, _U32.pack(code)))
@@ -483,6 +503,7 @@ class Http2Connection(asyncio.Protocol):
     def _close_stream(self, stream: Stream) -> None:
         stream.closed = True
         stream.pending.clear()
+        stream.pending_size = 0
         stream.trailers = None
         if stream.drained is not None:
             stream.drained.set()
@@ -511,6 +532,13 @@ class Http2Connection(asyncio.Protocol):
     def _abort(self, message: str) -> None:
         log.warning("closing a connection: %s", message)
         self.close()
+
+
+def _queue(stream: Stream, data: tuple[bytes, ...]) -> None:
+    for part in data:
+        if part:
+            stream.pending.append(memoryview(part))
+            stream.pending_size += len(part)
 
 
 def _unpad(flags: int, payload: bytes) -> bytes:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from crivm.proto import api_pb2
+from crivm.runtime import wire
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.rpc.image_messages import image_message, images_of
+from crivm.runtime.rpc.image_messages import image_element, images_of
 from crivm.storage.catalog import ImageRecord
 
 
@@ -17,7 +18,7 @@ def matching(daemon: Daemon, request_filter: api_pb2.ImageFilter) -> list[ImageR
     return [record] if record is not None else []
 
 
-async def handle(daemon: Daemon, request: api_pb2.ListImagesRequest) -> api_pb2.ListImagesResponse:
-    return api_pb2.ListImagesResponse(
-        images=[image_message(record) for record in matching(daemon, request.filter)]
+async def handle(daemon: Daemon, request: api_pb2.ListImagesRequest) -> wire.Encoded:
+    return wire.Encoded(
+        b"".join(image_element(record) for record in matching(daemon, request.filter))
     )
