@@ -20,6 +20,9 @@ from hpack.table import HeaderTable
 # RFC 7541 section 4.1: each entry costs its name and value plus 32 octets of overhead.
 ENTRY_OVERHEAD = 32
 DEFAULT_TABLE_SIZE = 4096
+# Decoded blocks kept for reuse (see ``HeaderDecoder.decode``), and the largest kept.
+MAX_REMEMBERED = 64
+MAX_REMEMBERED_BLOCK = 256
 
 _STATIC: tuple[tuple[str, str], ...] = tuple(
     (name.decode("latin-1"), value.decode("latin-1")) for name, value in HeaderTable.STATIC_TABLE
@@ -40,8 +43,26 @@ class HeaderDecoder:
         # The limit this endpoint advertised; the peer may shrink the table below it.
         self._limit = max_table_size
         self._size = max_table_size
+        # Blocks that only referred to the table, by their bytes, until the table changes.
+        # A gRPC client's repeated calls send the same few bytes each time once their
+        # headers are in the table.
+        self._decoded: dict[bytes, list[tuple[str, str]]] = {}
+        self._changes = 0
 
     def decode(self, block: bytes) -> list[tuple[str, str]]:
+        """The headers of ``block``. The list may be shared with earlier calls: read only."""
+        known = self._decoded.get(block)
+        if known is not None:
+            return known
+        changes = self._changes
+        headers = self._decode(block)
+        if self._changes == changes and len(block) <= MAX_REMEMBERED_BLOCK:
+            if len(self._decoded) >= MAX_REMEMBERED:
+                self._decoded.clear()
+            self._decoded[block] = headers
+        return headers
+
+    def _decode(self, block: bytes) -> list[tuple[str, str]]:
         headers: list[tuple[str, str]] = []
         pos = 0
         end = len(block)
@@ -61,6 +82,7 @@ class HeaderDecoder:
                         raise HpackError(f"table size update to {size} above {self._limit}")
                     self._size = size
                     self._evict(0)
+                    self._changed()
                 else:  # literal without indexing (0x00) or never indexed (0x10)
                     name, value, pos = self._literal(block, pos, 4)
                     headers.append((name, value))
@@ -85,7 +107,13 @@ class HeaderDecoder:
         value, pos = _string(block, pos)
         return name, value, pos
 
+    def _changed(self) -> None:
+        # Indexes now mean other entries: what was decoded before no longer holds.
+        self._changes += 1
+        self._decoded.clear()
+
     def _add(self, name: str, value: str) -> None:
+        self._changed()
         size = len(name) + len(value) + ENTRY_OVERHEAD
         if size > self._size:
             # An entry larger than the table empties it and is not kept (section 4.4).

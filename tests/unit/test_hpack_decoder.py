@@ -64,3 +64,17 @@ def test_matches_a_reference_encoder_over_many_blocks() -> None:
 def test_bad_blocks_are_compression_errors(block: bytes) -> None:
     with pytest.raises(HpackError):
         HeaderDecoder().decode(block)
+
+
+def test_a_remembered_block_is_forgotten_when_the_table_changes() -> None:
+    decoder = HeaderDecoder()
+    newest = b"\xbe"  # index 62: whatever entry was added last
+    decoder.decode(b"\x40\x01a\x01x")  # literal a: x, added to the table
+    first = decoder.decode(newest)
+    assert first == [("a", "x")]
+    assert decoder.decode(newest) is first  # remembered: the table did not change
+    decoder.decode(b"\x40\x01b\x01y")
+    assert decoder.decode(newest) == [("b", "y")]
+    decoder.decode(b"\x20")  # size update to 0 empties the table
+    with pytest.raises(HpackError):
+        decoder.decode(newest)
