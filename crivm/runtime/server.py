@@ -14,6 +14,7 @@ from crivm.runtime.call_scope import CallScope
 from crivm.runtime.config import Config
 from crivm.runtime.daemon import Daemon
 from crivm.runtime.grpc_server import GrpcServer
+from crivm.storage import heap
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    # Before any thread exists: see crivm.storage.heap.
+    if not heap.use_one_arena():
+        log.debug("malloc is not glibc's: its arenas are left as they are")
     socket_path = Path(config.listen)
     socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     _remove_stale_socket(socket_path)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from crivm.errors import AlreadyExists, InvalidArgument, NotFound
 from crivm.runtime.config import Config
 from crivm.runtime.store import Store
+from crivm.storage import heap
 from crivm.storage import rootfs as rootfs_mod
 from crivm.storage.blobs import BlobStore
 from crivm.storage.catalog import Catalog, ImageRecord
@@ -97,7 +98,11 @@ class ImageService:
 
     async def pull(self, image: str, credentials: Credentials | None = None) -> ImageRecord:
         ref = parse(image)
-        pulled = await self._puller.pull(ref, credentials or Credentials(), self._record)
+        try:
+            pulled = await self._puller.pull(ref, credentials or Credentials(), self._record)
+        finally:
+            # Shielded: a cancelled pull's blocks are freed too.
+            await asyncio.shield(asyncio.to_thread(heap.return_freed_memory))
         record = self._catalog.get_image(pulled.id)
         assert record is not None, "the puller records the image before returning"
         return record
