@@ -50,9 +50,13 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-# Uncompressed is the default: under TCG, gunzip of the initramfs costs the guest 1.5-3.5 s of
-# boot (measured), far more than reading the larger file; gzip remains for disk-tight hosts.
-Compression = Literal["gzip", "none"]
+Compression = Literal["lz4", "zstd", "gzip", "none"]
+# lz4 is the default. Under TCG (q35, 256 MiB) the kernel unpacked the 26 MiB image as fast from
+# lz4 as from a plain cpio (1.5-1.8 s from "Unpacking initramfs" to "Freeing initrd memory", in
+# parallel with the rest of the kernel's init), while gzip and zstd cost 0.4-0.6 s more. The file
+# is 45% of the plain cpio, and QEMU keeps the initrd file mapped for the VM's life, so each pod's
+# QEMU holds that much less.
+DEFAULT_COMPRESSION: Compression = "lz4"
 Progress = Callable[[str], None]
 
 
@@ -66,7 +70,7 @@ class BuildResult:
     seconds: float
     cached: bool
     has_agent: bool
-    compression: Compression = "none"
+    compression: Compression = DEFAULT_COMPRESSION
 
 
 def _source_root() -> Path:
@@ -144,6 +148,30 @@ def _write_initrd(root: Path, dest: Path, compression: Compression) -> None:
     os.replace(tmp, dest)
 
 
+def _compressor_argv(compression: Compression, src: Path, dest: Path) -> list[str] | None:
+    """The host tool that writes ``compression``; None for the formats written in Python."""
+    if compression == "lz4":
+        # The kernel reads only lz4's legacy frame format (-l).
+        return ["lz4", "-l", "-9", "-q", "-f", str(src), str(dest)]
+    if compression == "zstd":
+        return ["zstd", "-19", "-T1", "-q", "-f", str(src), "-o", str(dest)]
+    return None
+
+
+async def _write_compressed_initrd(root: Path, dest: Path, compression: Compression,
+                                   work: Path) -> None:
+    plain = work / "initrd.cpio"
+    packed = dest.with_name(f".{dest.name}.tmp")
+    argv = _compressor_argv(compression, plain, packed)
+    if argv is None:
+        await asyncio.to_thread(_write_initrd, root, dest, compression)
+        return
+    await asyncio.to_thread(_write_initrd, root, plain, "none")
+    await debian.run_tool(*argv)
+    os.replace(packed, dest)
+    plain.unlink()
+
+
 def _assemble(staging: Path, root: Path, wheel: Path, agent: dict[str, Path],
               applets: list[str]) -> dict[str, Any]:
     rootfs.skeleton(root)
@@ -160,7 +188,7 @@ def _assemble(staging: Path, root: Path, wheel: Path, agent: dict[str, Path],
 
 
 async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE_DIR,
-                compression: Compression = "none", force: bool = False,
+                compression: Compression = DEFAULT_COMPRESSION, force: bool = False,
                 progress: Progress | None = None) -> BuildResult:
     """Build (or reuse) ``<out>/vmlinuz``, ``<out>/initrd.img`` and ``<out>/manifest.json``."""
     started = time.monotonic()
@@ -202,7 +230,7 @@ async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE
         facts = await asyncio.to_thread(
             _assemble, staging, root, wheel, agent, listing.decode().split())
         say(f"writing {INITRD_FILE} ({compression})")
-        await asyncio.to_thread(_write_initrd, root, initrd_out, compression)
+        await _write_compressed_initrd(root, initrd_out, compression, Path(work))
         kver = facts["kernel_version"]
         tmp_kernel = kernel_out.with_name(f".{KERNEL_FILE}.tmp")
         shutil.copyfile(staging / f"boot/vmlinuz-{kver}", tmp_kernel)

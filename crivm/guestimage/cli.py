@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 from crivm.guestimage import build as buildmod
 
@@ -18,8 +19,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"output directory (default {buildmod.DEFAULT_OUT_DIR})")
     parser.add_argument("--cache", type=Path, default=buildmod.DEFAULT_CACHE_DIR,
                         help=f"download cache (default {buildmod.DEFAULT_CACHE_DIR})")
-    parser.add_argument("--compression", choices=["gzip", "none"], default="none",
-                        help="initramfs compression (default none: boots faster under TCG)")
+    parser.add_argument("--compression", choices=list(get_args(buildmod.Compression)),
+                        default=buildmod.DEFAULT_COMPRESSION,
+                        help=f"initramfs compression (default {buildmod.DEFAULT_COMPRESSION}: "
+                        "as fast to unpack under TCG as none, 45%% of its size)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     return parser
 

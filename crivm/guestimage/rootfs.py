@@ -17,7 +17,7 @@ import shutil
 import stat
 import sys
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from crivm.guestimage import elf
@@ -61,7 +61,26 @@ STDLIB_EXCLUDE = frozenset({
     "compileall.py", "py_compile.py", "optparse.py", "imp.py", "quopri.py",
     "_sysconfigdata__x86_64-linux-gnu.py", "_sysconfigdata__linux_x86_64-linux-gnu.py",
     "sysconfig.py", "_distutils_system_mod.py", "EXTERNALLY-MANAGED", "LICENSE.txt",
+    # Neither the agent nor what it imports (asyncio, logging, json, ctypes, protobuf) loads
+    # these, at start or later (checked against the import graph of those modules).
+    "difflib.py", "platform.py", "uuid.py", "pprint.py", "gzip.py", "fileinput.py",
+    "filecmp.py", "graphlib.py", "sched.py", "colorsys.py", "getpass.py", "secrets.py",
+    "_py_abc.py", "_threading_local.py", "zipfile.py",
 })
+# Files under kept stdlib packages that only other platforms, other executors, or tools load:
+# asyncio's Windows event loops, ProcessPoolExecutor, logging's config and handler zoo,
+# importlib.metadata (package metadata lookups; nothing in the guest is installed), json's CLI.
+STDLIB_EXCLUDE_FILES = frozenset({
+    "asyncio/windows_events.py", "asyncio/windows_utils.py", "asyncio/proactor_events.py",
+    "asyncio/__main__.py", "concurrent/futures/process.py", "logging/config.py",
+    "logging/handlers.py", "json/tool.py", "ctypes/wintypes.py", "ctypes/_aix.py",
+    "importlib/metadata",
+})
+# protobuf's code generator plugin API, its test helpers and benchmarks.
+PROTOBUF_EXCLUDE = ("google/protobuf/compiler/", "google/protobuf/testdata/",
+                    "google/protobuf/internal/testing_refleaks.py",
+                    "google/protobuf/internal/message_benchmark.py",
+                    "google/protobuf/internal/json_format_benchmark.py")
 # Codecs that are character tables for legacy encodings; the agent speaks UTF-8 and ASCII.
 _TABLE_CODEC_PREFIXES = ("cp", "mac_", "iso8859_", "koi8_", "big5", "gb", "euc_", "shift_jis",
                          "iso2022_", "hp_roman8", "johab", "kz1048", "ptcp154", "tis_620",
@@ -148,7 +167,7 @@ def install_python(staging: Path, root: Path) -> None:
                             ignore=_ignore_table_codecs)
         elif entry.is_dir():
             shutil.copytree(entry, dest_lib / entry.name, symlinks=False,
-                            ignore=shutil.ignore_patterns("__pycache__", "test", "tests"))
+                            ignore=_stdlib_package_filter(src_lib))
         else:
             _copy(entry, dest_lib / entry.name)
     suffix = f".cpython-{PYTHON_MINOR.replace('.', '')}-x86_64-linux-gnu.so"
@@ -157,6 +176,15 @@ def install_python(staging: Path, root: Path) -> None:
         if not ext.exists():
             raise GuestImageError(f"the Python stdlib packages hold no {ext.name}")
         _copy(ext, dest_lib / "lib-dynload" / ext.name)
+
+
+def _stdlib_package_filter(src_lib: Path) -> Callable[[str, list[str]], set[str]]:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).relative_to(src_lib)
+        return {name for name in names
+                if name in ("__pycache__", "test", "tests")
+                or (rel / name).as_posix() in STDLIB_EXCLUDE_FILES}
+    return ignore
 
 
 def _ignore_table_codecs(directory: str, names: list[str]) -> set[str]:
@@ -177,7 +205,8 @@ def install_protobuf(wheel: Path, root: Path) -> None:
         if not any(m.startswith(UPB_EXTENSION_PREFIX) for m in members):
             raise GuestImageError(f"{wheel.name} holds no {UPB_EXTENSION_PREFIX}* extension")
         for member in members:
-            if not member.startswith("google/") or member.endswith("/"):
+            if (not member.startswith("google/") or member.endswith("/")
+                    or member.startswith(PROTOBUF_EXCLUDE)):
                 continue
             target = dest / member
             target.parent.mkdir(parents=True, exist_ok=True)
