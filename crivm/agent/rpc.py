@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
+import os
 import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -320,7 +320,10 @@ class RpcClient:
         self._writer = writer
         self._max_payload = max_payload
         self._calls: dict[int, asyncio.Queue[Incoming]] = {}
-        self._next_stream_id = random.randrange(1, MAX_STREAM_ID // 2) | 1
+        # os.urandom, not the random module: its import (hashlib, bisect, ...) costs every pod
+        # supervisor memory and the guest's agent boot time, for one number per connection.
+        offset = int.from_bytes(os.urandom(4), "big") % (MAX_STREAM_ID // 2 - 1)
+        self._next_stream_id = (1 + offset) | 1
         self._lost: ConnectionLost | None = None
         self._read_task = asyncio.create_task(self._read_loop(), name="rpc-client-read")
 

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from crivm.hypervisor.qemu import kvm_probe
 from crivm.hypervisor.qemu.cmdline import AccelKind
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,10 @@ async def choose_accel(requested: str, qemu_path: str, runroot: Path,
             return accel
     except (OSError, ValueError):
         pass
+    # Imported here: kvm_probe brings tempfile (random, shutil, ...), ~0.6 MiB PSS in every VM
+    # pod's supervisor, which imports this module for host_tsc_khz and never probes.
+    from crivm.hypervisor.qemu import kvm_probe
+
     result = await kvm_probe.probe("kvm", qemu_path, probe_timeout_s)
     accel = "kvm" if result.works else "tcg"
     if result.works:
