@@ -24,6 +24,7 @@ from typing import Any
 from google import protobuf
 
 from crivm.errors import CrivmError, DeadlineExceeded, Unavailable
+from crivm.hypervisor.qemu import page_out
 from crivm.netbridge import tap
 from crivm.netbridge.netns import netns_argv_prefix
 from crivm.proto import api_pb2
@@ -178,6 +179,20 @@ def supervisor_pid(paths: PodPaths) -> int:
     return pid if paths.spec.encode() in cmdline else 0
 
 
+async def _page_out_initrd(qemu_pid: int, initrd: str, extra: dict[str, str]) -> None:
+    """The guest unpacked its initramfs long ago; QEMU's mapping of the file would otherwise
+    stay resident for the pod's life (see crivm.hypervisor.qemu.page_out)."""
+    if qemu_pid <= 0:
+        return
+    try:
+        advised = await asyncio.to_thread(page_out.page_out_file, qemu_pid, initrd)
+    except page_out.PageOutError as exc:
+        log.warning("initramfs pages stay in QEMU: %s", exc, extra=extra)
+        return
+    log.debug("QEMU %d gave back %d KiB of the initramfs", qemu_pid, advised // 1024,
+              extra=extra)
+
+
 async def stop_supervisor(paths: PodPaths, timeout_s: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the supervisor (it quits the VM and virtiofsd), SIGKILL it if it lingers; its
     children die with it through PR_SET_PDEATHSIG."""
@@ -231,6 +246,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
             dns = config.dns_config if config.HasField("dns_config") else None
             await guest_network.configure(agent, net, dns)
         undo.commit()
+    await _page_out_initrd(int(report.get("qemu_pid", 0)), env.initrd, extra)
     log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",
              pod_id, loop.time() - started, ready - started, vcpus, memory_mb, env.accel,
              extra=extra)
