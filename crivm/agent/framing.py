@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import struct
 from dataclasses import dataclass
 
@@ -31,6 +32,15 @@ DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024
 _DISCARD_CHUNK = 64 * 1024
 
 MAX_STREAM_ID = 0xFFFFFFFF
+
+
+def random_first_stream_id() -> int:
+    """An odd stream id in the lower half of the id space, for a connection's first call.
+
+    os.urandom rather than the random module: importing random (hashlib, bisect, ...) cost the
+    guest's agent boot time and every pod supervisor memory, for one number per connection.
+    """
+    return (1 + int.from_bytes(os.urandom(4), "big") % (MAX_STREAM_ID // 2 - 1)) | 1
 
 
 class FrameType(enum.IntEnum):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import ParamSpec, TypeVar
 
@@ -52,8 +51,10 @@ class GuestNetwork:
             lines.append("options " + " ".join(request.options))
         directory = os.path.dirname(self.resolv_conf) or "."
         try:
-            # Write and rename, so a reader never sees half a file.
-            fd, tmp = tempfile.mkstemp(prefix=".resolv.conf.", dir=directory)
+            # Write and rename, so a reader never sees half a file. Not tempfile: importing it
+            # (random, shutil, ...) cost every guest's agent start for this one file.
+            tmp = os.path.join(directory, f".resolv.conf.{os.urandom(6).hex()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write("\n".join(lines) + "\n")
             os.chmod(tmp, 0o644)

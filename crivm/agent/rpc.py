@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from crivm.agent.framing import (
     FramingError,
     discard_payload,
     encode_frame,
+    random_first_stream_id,
     read_frame,
     write_frame,
 )
@@ -320,10 +320,7 @@ class RpcClient:
         self._writer = writer
         self._max_payload = max_payload
         self._calls: dict[int, asyncio.Queue[Incoming]] = {}
-        # os.urandom, not the random module: its import (hashlib, bisect, ...) costs every pod
-        # supervisor memory and the guest's agent boot time, for one number per connection.
-        offset = int.from_bytes(os.urandom(4), "big") % (MAX_STREAM_ID // 2 - 1)
-        self._next_stream_id = (1 + offset) | 1
+        self._next_stream_id = random_first_stream_id()
         self._lost: ConnectionLost | None = None
         self._read_task = asyncio.create_task(self._read_loop(), name="rpc-client-read")
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 
 from crivm.agent.framing import (
@@ -28,6 +27,7 @@ from crivm.agent.framing import (
     FrameType,
     FramingError,
     encode_frame,
+    random_first_stream_id,
     read_frame,
 )
 
@@ -54,7 +54,7 @@ class AgentMux:
         self._agent_writer = agent_writer
         # agent stream id -> (client, client stream id)
         self._routes: dict[int, tuple[_Client, int]] = {}
-        self._next_id = random.randrange(1, MAX_STREAM_ID // 2) | 1
+        self._next_id = random_first_stream_id()
         self._clients: set[_Client] = set()
         self._count = 0
         self._server: asyncio.Server | None = None
