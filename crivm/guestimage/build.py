@@ -50,13 +50,14 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-Compression = Literal["lz4", "zstd", "gzip", "none"]
-# lz4 is the default. Under TCG (q35, 256 MiB) the kernel unpacked the 26 MiB image as fast from
-# lz4 as from a plain cpio (1.5-1.8 s from "Unpacking initramfs" to "Freeing initrd memory", in
-# parallel with the rest of the kernel's init), while gzip and zstd cost 0.4-0.6 s more. The file
-# is 45% of the plain cpio, and QEMU keeps the initrd file mapped for the VM's life, so each pod's
-# QEMU holds that much less.
-DEFAULT_COMPRESSION: Compression = "lz4"
+Compression = Literal["none", "lz4", "zstd", "gzip"]
+# Uncompressed is the default. Under TCG (q35, 256 MiB; 5 alternating runs per variant, kernel
+# console timestamps and QEMU's CPU time until the agent answered) the kernel reached /init
+# 0.0-0.5 s later from lz4 than from the same tree as a plain cpio, and gzip and zstd were slower
+# still (gunzip in emulation: 0.4-3.5 s). lz4 writes 45% of the bytes; that no longer buys memory,
+# because the vm backend has QEMU drop its pages of the initrd file once the guest has booted
+# (crivm.hypervisor.qemu.page_out), but it saves disk and page cache where those are tight.
+DEFAULT_COMPRESSION: Compression = "none"
 Progress = Callable[[str], None]
 
 
