@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 # Where the guest mounts the pod's shared directory (virtio-fs tag SHARED_TAG).
 GUEST_SHARED_DIR = "/run/crivm/shared"
@@ -114,4 +113,5 @@ class VmSpec:
 
     @classmethod
     def load(cls, path: str) -> VmSpec:
-        return cls.from_json(Path(path).read_text())
+        with open(path) as spec:
+            return cls.from_json(spec.read())

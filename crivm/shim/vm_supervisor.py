@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from crivm.errors import DeadlineExceeded, Unavailable
@@ -92,10 +91,9 @@ class Supervisor:
     async def start(self) -> AgentMux:
         spec, paths = self.spec, self.paths
         self.fs = await virtiofsd.start(
-            spec.virtiofsd_path, Path(paths.shared_dir), Path(paths.virtiofsd_socket),
-            Path(paths.virtiofsd_log),
+            spec.virtiofsd_path, paths.shared_dir, paths.virtiofsd_socket, paths.virtiofsd_log,
         )
-        self.vm = await QemuVm.launch(spec.qemu_path, vm_config(spec), Path(paths.qemu_log),
+        self.vm = await QemuVm.launch(spec.qemu_path, vm_config(spec), paths.qemu_log,
                                       startup_timeout_s=spec.startup_timeout_s)
         reader, writer = await _connect_agent(paths.agent_socket, spec.startup_timeout_s)
         mux = AgentMux(reader, writer)
@@ -191,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     _redirect_stdio(paths.supervisor_log)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Path(paths.supervisor_pidfile).write_text(f"{os.getpid()}\n")
+    with open(paths.supervisor_pidfile, "w") as pidfile:
+        pidfile.write(f"{os.getpid()}\n")
     try:
         code = asyncio.run(Supervisor(spec).run(write_fd))
     except DeadlineExceeded as exc:

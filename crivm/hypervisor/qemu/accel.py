@@ -10,16 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from crivm.hypervisor.qemu.cmdline import AccelKind
+from crivm.hypervisor.qemu.owner import StrPath
+
+if TYPE_CHECKING:
+    # Only the daemon's choose_accel takes a Path; the pod supervisor, which imports this
+    # module for host_tsc_khz, stays free of pathlib (see owner.StrPath).
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "accel.json"
 AgentTransportKind = Literal["vsock", "virtio-serial"]
-VHOST_VSOCK = Path("/dev/vhost-vsock")
+VHOST_VSOCK = "/dev/vhost-vsock"
 
 
 async def choose_accel(requested: str, qemu_path: str, runroot: Path,
@@ -56,23 +61,25 @@ async def choose_accel(requested: str, qemu_path: str, runroot: Path,
     return accel
 
 
-def choose_agent_transport(requested: str, vhost_vsock: Path = VHOST_VSOCK) -> AgentTransportKind:
+def choose_agent_transport(requested: str,
+                           vhost_vsock: StrPath = VHOST_VSOCK) -> AgentTransportKind:
     """vsock where the host has vhost-vsock, virtio-serial otherwise (or when configured)."""
     if requested == "virtio-serial":
         return "virtio-serial"
     if requested == "vsock":
         return "vsock"
-    return "vsock" if vhost_vsock.exists() else "virtio-serial"
+    return "vsock" if os.path.exists(vhost_vsock) else "virtio-serial"
 
 
-def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
+def host_tsc_khz(cpuinfo: StrPath = "/proc/cpuinfo") -> int:
     """The host's TSC rate in kHz, as /proc/cpuinfo reports it; 0 when unknown.
 
     Under TCG the guest's TSC runs at the host's rate, so this is what a microvm guest, which
     has no timer to calibrate against, should be told.
     """
     try:
-        text = cpuinfo.read_text()
+        with open(cpuinfo) as info:
+            text = info.read()
     except OSError:
         return 0
     for line in text.splitlines():

@@ -12,11 +12,10 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from crivm.errors import DeadlineExceeded, Unavailable
-from crivm.hypervisor.qemu.owner import die_with_owner, open_log
+from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,8 @@ def virtiofsd_argv(virtiofsd_path: str, source_dir: str, socket_path: str,
 
 @dataclass
 class Virtiofsd:
-    socket_path: Path
-    log_path: Path
+    socket_path: StrPath
+    log_path: StrPath
     process: asyncio.subprocess.Process
 
     @property
@@ -54,13 +53,14 @@ class Virtiofsd:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()
                 await self.process.wait()
-        self.socket_path.unlink(missing_ok=True)
+        _unlink(self.socket_path)
 
 
-async def start(virtiofsd_path: str, source_dir: Path, socket_path: Path, log_path: Path,
+async def start(virtiofsd_path: str, source_dir: StrPath, socket_path: StrPath,
+                log_path: StrPath,
                 cache: CacheMode = "auto", timeout_s: float = 5.0) -> Virtiofsd:
     """Start virtiofsd for ``source_dir`` and wait until its socket accepts QEMU."""
-    socket_path.unlink(missing_ok=True)
+    _unlink(socket_path)
     argv = die_with_owner(virtiofsd_argv(virtiofsd_path, str(source_dir), str(socket_path),
                                          cache))
     log_fd = open_log(log_path)
@@ -76,7 +76,7 @@ async def start(virtiofsd_path: str, source_dir: Path, socket_path: Path, log_pa
     daemon = Virtiofsd(socket_path, log_path, proc)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while not socket_path.exists():
+    while not os.path.exists(socket_path):
         if proc.returncode is not None:
             raise Unavailable(f"virtiofsd for {source_dir} exited ({proc.returncode}): "
                               f"{_tail(log_path)}")
@@ -88,8 +88,14 @@ async def start(virtiofsd_path: str, source_dir: Path, socket_path: Path, log_pa
     return daemon
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _unlink(path: StrPath) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _tail(path: StrPath, lines: int = 5) -> str:
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        with open(path, errors="replace") as log_file:
+            return " | ".join(log_file.read().strip().splitlines()[-lines:])
     except OSError:
         return "(no log)"

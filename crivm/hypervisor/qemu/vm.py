@@ -13,15 +13,23 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crivm.errors import DeadlineExceeded, Unavailable
 from crivm.hypervisor.qemu.accel import host_tsc_khz
 from crivm.hypervisor.qemu.cmdline import VmConfig, build_argv
-from crivm.hypervisor.qemu.owner import die_with_owner, open_log
+from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log
 from crivm.hypervisor.qemu.qmp import QmpControl
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 log = logging.getLogger(__name__)
+
+
+def _read_bytes(path: StrPath) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def with_host_facts(config: VmConfig) -> VmConfig:
@@ -38,7 +46,7 @@ def with_host_facts(config: VmConfig) -> VmConfig:
 
 class QemuVm:
     def __init__(self, config: VmConfig, process: asyncio.subprocess.Process,
-                 qmp: QmpControl, stderr_log: Path) -> None:
+                 qmp: QmpControl, stderr_log: StrPath) -> None:
         self.config = config
         self.process = process
         self.qmp = qmp
@@ -50,17 +58,20 @@ class QemuVm:
 
     @property
     def console_log(self) -> Path:
+        from pathlib import Path  # for callers only; see owner.StrPath
+
         return Path(self.config.console.log_path)
 
     @classmethod
-    async def launch(cls, qemu_path: str, config: VmConfig, stderr_log: Path, *,
+    async def launch(cls, qemu_path: str, config: VmConfig, stderr_log: StrPath, *,
                      tie_to_owner: bool = True, pass_fds: Sequence[int] = (),
                      startup_timeout_s: float = 10.0) -> QemuVm:
         """Start QEMU and return once its QMP socket answers."""
         config = with_host_facts(config)
         for stale in (config.qmp.socket_path, getattr(config.agent, "socket_path", None)):
             if stale:
-                Path(stale).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
         argv = build_argv(qemu_path, config)
         if tie_to_owner:
             argv = die_with_owner(argv)
@@ -97,7 +108,8 @@ class QemuVm:
 
     def stderr_tail(self, lines: int = 5) -> str:
         try:
-            text = self.stderr_log.read_text(errors="replace").strip()
+            with open(self.stderr_log, errors="replace") as log_file:
+                text = log_file.read().strip()
         except OSError:
             return "(no stderr log)"
         return " | ".join(text.splitlines()[-lines:]) or "(empty stderr)"
@@ -109,7 +121,7 @@ class QemuVm:
         needle = marker.encode()
         while True:
             with contextlib.suppress(FileNotFoundError):
-                if needle in self.console_log.read_bytes():
+                if needle in _read_bytes(self.config.console.log_path):
                     return
             if self.process.returncode is not None:
                 raise Unavailable(f"VM {self.config.name} exited ({self.process.returncode}) "
@@ -143,5 +155,6 @@ class QemuVm:
         await self.qmp.close()
         for path in (self.config.qmp.socket_path, getattr(self.config.agent, "socket_path", None)):
             if path:
-                Path(path).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         return code
