@@ -269,3 +269,27 @@ def test_runtime_create_waits_for_start(crivm_daemon: CrivmDaemon,
         cri.runtime.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=container_id))
     remaining = cri.runtime.ListContainers(api_pb2.ListContainersRequest()).containers
     assert [c.id for c in remaining] == [ctr_id]
+
+
+def test_concurrent_starts_run_one_container(crivm_daemon: CrivmDaemon,
+                                             busybox_image: PushedImage) -> None:
+    """A second StartContainer while the first is creating the container is refused; it must
+    not undo (delete) the container the first one is making."""
+    cri = crivm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = crivm_daemon.pod_config("twice")
+    pod_id = cri.run_pod(pod_config)
+    ctr_id = cri.create(pod_id, busybox("twice", "sleep 600"), pod_config)
+    request = api_pb2.StartContainerRequest(container_id=ctr_id)
+    first = cri.runtime.StartContainer.future(request, timeout=60)
+    second = cri.runtime.StartContainer.future(request, timeout=60)
+    codes = []
+    for call in (first, second):
+        try:
+            call.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+    assert sorted(code.name for code in codes) == ["FAILED_PRECONDITION", "OK"]
+    assert cri.status(ctr_id).status.state == api_pb2.CONTAINER_RUNNING
+    assert len(_conmons_of(ctr_id)) == 1

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # A row's extra field: False while the container exists only as its bundle (see ``create``).
 RUNTIME_CREATED = "runtime_created"
+# Containers whose start is under way. A second start meanwhile would find the row still
+# created, and its failing `runc create` would undo the first one's container.
+_STARTING: set[str] = set()
 
 KILL_WAIT_S = 10.0
 # A container whose process is gone gets this long for conmon to write its exit file.
@@ -228,7 +231,18 @@ async def start(env: RuncEnvironment, pod: PodRecord, container: ContainerRecord
     created, with no runtime state and no conmon."""
     if container.state != CONTAINER_CREATED:
         raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
-    if container.extra.get(RUNTIME_CREATED, True):
+    if container.id in _STARTING:
+        raise FailedPrecondition(f"container {container.id} is being started")
+    _STARTING.add(container.id)
+    try:
+        return await _start(env, pod, container)
+    finally:
+        _STARTING.discard(container.id)
+
+
+async def _start(env: RuncEnvironment, pod: PodRecord, container: ContainerRecord
+                 ) -> dict[str, Any]:
+    if runtime_created(container):
         # Created in the runtime at CreateContainer: a VM container (conmon and the shim),
         # or a row from before the create moved here. The runtime itself refuses a
         # container that is not in its created state.
