@@ -201,9 +201,8 @@ class GrpcServer:
             return
         call = _Call()
         stream.call = call
-        run = self._serve_stream if method.server_streaming else self._serve_unary
-        task = asyncio.get_running_loop().create_task(
-            run(connection, stream, method, bytes(body[5:]), call))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._serve(connection, stream, method, bytes(body[5:]), call))
         call.task = task
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
@@ -211,7 +210,7 @@ class GrpcServer:
         if timeout is not None:
             seconds = parse_timeout(timeout)
             if seconds is not None:
-                call.timer = asyncio.get_running_loop().call_later(seconds, _expire, call)
+                call.timer = loop.call_later(seconds, _expire, call)
 
     def request_too_large(self, connection: Http2Connection, stream: Stream) -> None:
         self._refuse(connection, stream, ResourceExhausted(
@@ -236,43 +235,25 @@ class GrpcServer:
         except DecodeError as exc:
             raise InvalidArgument(f"malformed {method.name} request: {exc}") from exc
 
-    async def _serve_unary(self, connection: Http2Connection, stream: Stream, method: Method,
-                           payload: bytes, call: _Call) -> None:
+    async def _serve(self, connection: Http2Connection, stream: Stream, method: Method,
+                     payload: bytes, call: _Call) -> None:
+        """One call, unary or server-streaming: the handler in the call scope, its status in
+        the trailers (or a trailers-only answer when nothing went out before it)."""
         started = self.scope.begin()
         code, message = "OK", ""
-        try:
-            response = await method.handle(self._decode(method, payload))  # type: ignore[misc]
-            data = wire.serialize(response)
-        except asyncio.CancelledError:
-            if not call.expired:
-                self.scope.finish(method.name, started, "CANCELLED")
-                raise
-            code, message = "DEADLINE_EXCEEDED", "deadline exceeded"
-        except Exception as exc:
-            code, message = self.scope.failure(method.name, exc)
-        finally:
-            if call.timer is not None:
-                call.timer.cancel()
-        self.scope.finish(method.name, started, code)
-        if code == "OK":
-            connection.send_response(stream, RESPONSE_HEADERS, _message(data), TRAILERS_OK)
-        else:
-            connection.send_headers(stream, RESPONSE_HEADERS + _status_block(code, message),
-                                    end_stream=True)
-
-    async def _serve_stream(self, connection: Http2Connection, stream: Stream, method: Method,
-                            payload: bytes, call: _Call) -> None:
-        started = self.scope.begin()
-        code, message = "OK", ""
+        data = b""
         answered = False
         try:
-            responses = method.handle(self._decode(method, payload))
-            async for response in responses:  # type: ignore[union-attr]
-                if not answered:
-                    connection.send_headers(stream, RESPONSE_HEADERS)
-                    answered = True
-                connection.send_data(stream, _message(wire.serialize(response)))
-                await connection.drain(stream)
+            request = self._decode(method, payload)
+            if method.server_streaming:
+                async for response in method.handle(request):  # type: ignore[union-attr]
+                    if not answered:
+                        connection.send_headers(stream, RESPONSE_HEADERS)
+                        answered = True
+                    connection.send_data(stream, _message(wire.serialize(response)))
+                    await connection.drain(stream)
+            else:
+                data = wire.serialize(await method.handle(request))  # type: ignore[misc]
         except asyncio.CancelledError:
             if not call.expired:
                 self.scope.finish(method.name, started, "CANCELLED")
@@ -285,7 +266,10 @@ class GrpcServer:
                 call.timer.cancel()
         self.scope.finish(method.name, started, code)
         trailers = TRAILERS_OK if code == "OK" else _status_block(code, message)
-        if answered:
+        if code == "OK" and not method.server_streaming:
+            # Headers, message and trailers in one write.
+            connection.send_response(stream, RESPONSE_HEADERS, _message(data), trailers)
+        elif answered:
             connection.send_trailers(stream, trailers)
         else:
             connection.send_headers(stream, RESPONSE_HEADERS + trailers, end_stream=True)

@@ -87,16 +87,21 @@ def pod_of(daemon: Daemon, ctr: ContainerRecord) -> PodRecord:
     return pod
 
 
+def settled(backend: RuntimeBackend, ctr: ContainerRecord) -> bool:
+    """The row is the container's state without asking: exited (final), or running by the
+    backend's own watch. Callers that walk many rows check this before awaiting
+    ``refresh_container``: a coroutine per row was most of a 200-row ListContainers."""
+    return ctr.state == CONTAINER_EXITED or backend.known_running(ctr)
+
+
 async def refresh_container(
     daemon: Daemon, pod: PodRecord, ctr: ContainerRecord
 ) -> ContainerRecord:
     """The row with the backend's current view applied (and saved when it changed). An
     exited container never changes again, so it costs nothing, and neither does a running
     one whose backend knows it still runs."""
-    if ctr.state == CONTAINER_EXITED:
-        return ctr
     backend = backend_of(daemon, pod)
-    if backend.known_running(ctr):
+    if settled(backend, ctr):
         return ctr
     status = await backend.container_status(pod, ctr)
     if status.state == ctr.state:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from crivm.proto import api_pb2
 from crivm.runtime import wire
-from crivm.runtime.backend import CONTAINER_EXITED, RuntimeBackend
+from crivm.runtime.backend import RuntimeBackend
 from crivm.runtime.cri_messages import container_config, container_state, labels_match
 from crivm.runtime.daemon import Daemon
-from crivm.runtime.records import backend_of, containers, refresh_container
+from crivm.runtime.records import backend_of, containers, refresh_container, settled
 from crivm.runtime.store import PodRecord
 
 
@@ -38,9 +38,7 @@ async def encoded_items(daemon: Daemon, wanted: api_pb2.ContainerFilter) -> list
         if pod_and_backend is None:  # removed while this call waited on another's status
             continue
         pod, backend = pod_and_backend
-        # refresh_container's own first checks, inline: most rows are exited or known to
-        # run, and a coroutine per row was most of the call at 200 rows.
-        if ctr.state != CONTAINER_EXITED and not backend.known_running(ctr):
+        if not settled(backend, ctr):
             ctr = await refresh_container(daemon, pod, ctr)
         if wanted.HasField("state") and wanted.state.state != container_state(ctr):
             continue
