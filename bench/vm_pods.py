@@ -65,6 +65,8 @@ VM_HANDLER_TOML = f"""
 runtime_type = "vm"
 kernel = "{{kernel}}"
 initrd = "{{initrd}}"
+guest_usr = "{{guest_usr}}"
+usr_image = "{{usr_image}}"
 machine = "{MACHINE}"
 accel = "{ACCEL}"
 default_memory_mb = {GUEST_MEMORY_MB - 128}
@@ -159,6 +161,7 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         f"- runs: {payload['runs']}, machine {MACHINE}, accel {ACCEL}, guest {GUEST_MEMORY_MB} "
         f"MiB, TCG translation cache {payload.get('tb_size_mb', 64)} MiB (pod and floors), "
+        f"the pod's /usr from {payload.get('guest_usr', 'initramfs')}, "
         f"kernel {payload['kernel']}; load average (1 min) {payload['load'][0]:.1f} / "
         f"{payload['load'][1]:.1f}",
         "",
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     registry, registry_process = _start_registry(work / "registry", auth=False)
     crivm: RuntimeUnderTest | None = None
     payload: dict[str, Any] = {"runs": args.runs, "kernel": image.kernel_version,
-                               "tb_size_mb": args.tb_size}
+                               "tb_size_mb": args.tb_size, "guest_usr": args.guest_usr}
     floor_samples = Samples()
     pod_memory: list[dict[str, dict[str, int]]] = []
     pod_memory_more: list[dict[str, dict[str, int]]] = []
@@ -220,8 +223,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         floor_boot, floor_idle = work / "floor.cpio", work / "idle.cpio"
         floor_initrd(floor_boot, image_recipes.BUSYBOX_BINARY)
         idle_initrd(floor_idle, image_recipes.BUSYBOX_BINARY)
-        extra = VM_HANDLER_TOML.format(kernel=image.kernel, initrd=image.initrd,
-                                       tb_size=args.tb_size)
+        pmem = args.guest_usr == "pmem"
+        extra = VM_HANDLER_TOML.format(
+            kernel=image.kernel, initrd=image.boot_initrd if pmem else image.initrd,
+            guest_usr=args.guest_usr, usr_image=image.usr_image if pmem else "",
+            tb_size=args.tb_size)
         crivm = crivm_runtime(work / "crivm", registries_conf, work / "cni", extra_toml=extra)
         crivm.start()
         assert crivm.channel is not None
@@ -266,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tb-size", type=int, default=RuntimeHandler().tcg_tb_size_mb,
                         help="TCG translation cache MiB of the pod's handler and the floors "
                              "(default: the vm handler's default)")
+    parser.add_argument("--guest-usr", choices=("pmem", "initramfs"), default="pmem",
+                        help="where the pod's guest gets /usr (the vm handler's guest_usr; "
+                             "default pmem, the handler's default on q35)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     payload = run(args)

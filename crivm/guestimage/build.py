@@ -1,4 +1,8 @@
-"""``crivm guest-image build``: the guest kernel and initramfs, from Debian packages.
+"""``crivm guest-image build``: the guest kernel, initramfs and /usr image, from Debian packages.
+
+Outputs: ``vmlinuz``; ``initrd.img``, the whole guest tree as an initramfs; and for VMs that get
+``/usr`` on virtio-pmem (pods on q35, the vm handler's default), ``usr.img`` (``/usr`` as a
+read-only ext4 image) with ``initrd-boot.img``, the initramfs without it (see ``usr_image``).
 
 Inputs are pinned by what apt resolves now (name, version, SHA256) plus the protobuf wheel and the
 agent's sources; their combined digest names the build. When ``<out>/manifest.json`` records the
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from crivm.guestimage import cpio, debian, rootfs
+from crivm.guestimage import cpio, debian, rootfs, usr_image
 from crivm.guestimage.errors import GuestImageError
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,10 @@ PACKAGES = (
 )
 KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
+BOOT_INITRD_FILE = "initrd-boot.img"
+USR_IMAGE_FILE = "usr.img"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 Compression = Literal["none", "lz4", "zstd", "gzip"]
 # Uncompressed is the default. Under TCG (q35, 256 MiB; 5 alternating runs per variant, kernel
 # console timestamps and QEMU's CPU time until the agent answered) the kernel reached /init
@@ -72,6 +78,15 @@ class BuildResult:
     cached: bool
     has_agent: bool
     compression: Compression = DEFAULT_COMPRESSION
+
+    @property
+    def boot_initrd(self) -> Path:
+        """The initramfs to boot with ``usr_image`` on virtio-pmem."""
+        return self.initrd.with_name(BOOT_INITRD_FILE)
+
+    @property
+    def usr_image(self) -> Path:
+        return self.initrd.with_name(USR_IMAGE_FILE)
 
 
 def _source_root() -> Path:
@@ -135,8 +150,11 @@ def _special_entries() -> list[cpio.Entry]:
     ]
 
 
-def _write_initrd(root: Path, dest: Path, compression: Compression) -> None:
+def _write_initrd(root: Path, dest: Path, compression: Compression,
+                  boot_only: bool = False) -> None:
     entries = cpio.entries_from_tree(root) + _special_entries()
+    if boot_only:
+        entries = usr_image.boot_entries(entries)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with open(tmp, "wb") as raw:
         if compression == "gzip":
@@ -160,14 +178,14 @@ def _compressor_argv(compression: Compression, src: Path, dest: Path) -> list[st
 
 
 async def _write_compressed_initrd(root: Path, dest: Path, compression: Compression,
-                                   work: Path) -> None:
+                                   work: Path, boot_only: bool = False) -> None:
     plain = work / "initrd.cpio"
     packed = dest.with_name(f".{dest.name}.tmp")
     argv = _compressor_argv(compression, plain, packed)
     if argv is None:
-        await asyncio.to_thread(_write_initrd, root, dest, compression)
+        await asyncio.to_thread(_write_initrd, root, dest, compression, boot_only)
         return
-    await asyncio.to_thread(_write_initrd, root, plain, "none")
+    await asyncio.to_thread(_write_initrd, root, plain, "none", boot_only)
     await debian.run_tool(*argv)
     os.replace(packed, dest)
     plain.unlink()
@@ -191,7 +209,7 @@ def _assemble(staging: Path, root: Path, wheel: Path, agent: dict[str, Path],
 async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE_DIR,
                 compression: Compression = DEFAULT_COMPRESSION, force: bool = False,
                 progress: Progress | None = None) -> BuildResult:
-    """Build (or reuse) ``<out>/vmlinuz``, ``<out>/initrd.img`` and ``<out>/manifest.json``."""
+    """Build (or reuse) the outputs named in this module's docstring and ``manifest.json``."""
     started = time.monotonic()
     say = progress or log.info
     say("resolving Debian packages")
@@ -213,6 +231,7 @@ async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE
     }
     digest = _digest(inputs)
     kernel_out, initrd_out = out_dir / KERNEL_FILE, out_dir / INITRD_FILE
+    boot_out, usr_out = out_dir / BOOT_INITRD_FILE, out_dir / USR_IMAGE_FILE
     if not force and (manifest := _outputs_match(out_dir, digest)) is not None:
         say(f"up to date (inputs {digest[:12]})")
         return BuildResult(kernel_out, initrd_out, out_dir / MANIFEST_FILE,
@@ -230,8 +249,11 @@ async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE
         say("assembling the guest tree and compiling its Python modules")
         facts = await asyncio.to_thread(
             _assemble, staging, root, wheel, agent, listing.decode().split())
-        say(f"writing {INITRD_FILE} ({compression})")
+        say(f"writing {INITRD_FILE} and {BOOT_INITRD_FILE} ({compression})")
         await _write_compressed_initrd(root, initrd_out, compression, Path(work))
+        await _write_compressed_initrd(root, boot_out, compression, Path(work), boot_only=True)
+        say(f"writing {USR_IMAGE_FILE}")
+        await usr_image.write_image(root / "usr", usr_out)
         kver = facts["kernel_version"]
         tmp_kernel = kernel_out.with_name(f".{KERNEL_FILE}.tmp")
         shutil.copyfile(staging / f"boot/vmlinuz-{kver}", tmp_kernel)
@@ -250,7 +272,8 @@ async def build(out_dir: Path = DEFAULT_OUT_DIR, cache_dir: Path = DEFAULT_CACHE
         "compression": compression,
         "outputs": {
             name: {"sha256": debian.file_sha256(path), "bytes": path.stat().st_size}
-            for name, path in ((KERNEL_FILE, kernel_out), (INITRD_FILE, initrd_out))
+            for name, path in ((KERNEL_FILE, kernel_out), (INITRD_FILE, initrd_out),
+                               (BOOT_INITRD_FILE, boot_out), (USR_IMAGE_FILE, usr_out))
         },
         "build_seconds": round(seconds, 1),
     }

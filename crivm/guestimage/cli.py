@@ -13,8 +13,9 @@ from crivm.guestimage import build as buildmod
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crivm guest-image build",
-                                     description="build the VM guest kernel and initramfs")
+    parser = argparse.ArgumentParser(
+        prog="crivm guest-image build",
+        description="build the VM guest kernel, initramfs and /usr image")
     parser.add_argument("--out", type=Path, default=buildmod.DEFAULT_OUT_DIR,
                         help=f"output directory (default {buildmod.DEFAULT_OUT_DIR})")
     parser.add_argument("--cache", type=Path, default=buildmod.DEFAULT_CACHE_DIR,
@@ -38,6 +39,8 @@ def main(argv: list[str]) -> int:
                                         progress))
     print(f"kernel  {result.kernel} ({result.kernel_version})")
     print(f"initrd  {result.initrd} ({result.initrd_bytes / 2**20:.1f} MiB)")
+    for path in (result.boot_initrd, result.usr_image):
+        print(f"{'':8}{path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(f"agent   {'included' if result.has_agent else 'absent (init idles)'}")
     print(f"{'reused' if result.cached else 'built'} in {result.seconds:.1f} s")
     return 0

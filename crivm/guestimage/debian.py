@@ -31,11 +31,14 @@ class DebPackage:
         return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
 
 
-async def run_tool(*argv: str, cwd: Path | None = None) -> bytes:
-    """Run a build tool to completion and return its stdout; a failure names the tool."""
+async def run_tool(*argv: str, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> bytes:
+    """Run a build tool to completion and return its stdout; a failure names the tool.
+    ``env`` adds to the environment."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+            *argv, cwd=cwd, env={**os.environ, **env} if env else None,
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:

@@ -6,6 +6,11 @@ Contract with the host (kernel command line, read from /proc/cmdline):
   /dev/virtio-ports/<name> (there is no udev), and starts the agent with
   ``--transport serial:/dev/virtio-ports/<name>`` or ``--transport vsock:<port>``; the same
   choice is exported as CRIVM_AGENT_TRANSPORT plus CRIVM_AGENT_DEVICE or CRIVM_AGENT_VSOCK_PORT.
+- ``crivm.usr=pmem`` says that /usr is a read-only ext4 image on the first virtio-pmem device
+  (crivm.guestimage.usr_image): init loads the nvdimm modules, waits (bounded) for /dev/pmem0
+  and mounts it on /usr with DAX before anything runs from /usr; without the word, /usr is the
+  initramfs's own and those modules are not loaded. A /usr that cannot be mounted powers the
+  VM off.
 - ``<module>.<param>=<value>`` words reach that module's insmod, as modprobe would do; microvm
   needs this for ``virtio_mmio.device=``. The vsock modules load only for a vsock agent, and
   virtio_mmio only when there is no PCI bus (microvm).
@@ -60,9 +65,11 @@ module_params() {
 }
 
 AGENT_TRANSPORT=""
+USR_DEVICE=""
 for word in $CMDLINE; do
     case "$word" in
         crivm.agent=*) AGENT_TRANSPORT="${word#crivm.agent=}" ;;
+        crivm.usr=*) USR_DEVICE="${word#crivm.usr=}" ;;
     esac
 done
 
@@ -72,6 +79,7 @@ module_wanted() {
         vsock|vmw_vsock_*) [ "${AGENT_TRANSPORT%%:*}" = vsock ] ;;
         # microvm has no PCI bus; a q35 guest has no virtio-mmio devices.
         virtio_mmio) [ -z "$(ls /sys/bus/pci/devices 2>/dev/null)" ] ;;
+        libnvdimm|nd_*|virtio_pmem) [ "$USR_DEVICE" = pmem ] ;;
         *) true ;;
     esac
 }
@@ -84,6 +92,20 @@ while read -r name path; do
     # shellcheck disable=SC2046
     insmod "/lib/modules/$KVER/$path" $(module_params "$name") || say "insmod $name failed"
 done < /etc/crivm/modules
+
+if [ "$USR_DEVICE" = pmem ]; then
+    # The namespace is probed asynchronously after nd_pmem loads; wait up to 10 s.
+    tries=0
+    while [ ! -b /dev/pmem0 ] && [ "$tries" -lt 500 ]; do
+        usleep 20000
+        tries=$((tries + 1))
+    done
+    # Read in place (DAX): the guest's page cache never holds a copy of /usr.
+    if ! mount -t ext4 -o ro,nodev,nosuid,noload,dax=always /dev/pmem0 /usr; then
+        say "cannot mount /usr from /dev/pmem0"
+        poweroff -f
+    fi
+fi
 
 ip link set lo up
 hostname crivm

@@ -31,6 +31,8 @@ PYTHON_MINOR = "3.11"
 KERNEL_MODULES = (
     "virtio_pci", "virtio_mmio", "virtio_console", "virtio_net", "virtio_rng",
     "virtiofs", "vmw_vsock_virtio_transport", "overlay", "virtio_balloon",
+    # /usr on virtio-pmem (crivm.usr=pmem); init loads these only then.
+    "virtio_pmem", "nd_pmem",
 )
 # The stdlib extension modules the agent may need; the rest (ssl, sqlite, curses, ...) would pull
 # in large libraries for nothing.

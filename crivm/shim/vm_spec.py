@@ -86,6 +86,8 @@ class VmSpec:
     virtiofsd_path: str
     kernel: str
     initrd: str
+    # The guest's /usr image on virtio-pmem; "" when the initramfs carries /usr.
+    usr_image: str = ""
     machine: str = "q35"
     accel: str = "tcg"
     tcg_tb_size_mb: int = 0

@@ -63,6 +63,8 @@ def vm_config(spec: VmSpec) -> cmdline.VmConfig:
         networks=networks,
         extra_kernel_args=spec.extra_kernel_args,
         balloon=cmdline.Balloon() if spec.free_page_reporting else None,
+        usr=(cmdline.UsrImage(spec.usr_image, os.path.getsize(spec.usr_image))
+             if spec.usr_image else None),
     )
 
 

@@ -99,3 +99,44 @@ def test_runtime_tables_adjust_builtin_handlers(tmp_path: Path) -> None:
     off = config.load(write(tmp_path, "[runtimes.vm]\nfree_page_reporting = false\n"))
     assert not off.runtimes["vm"].free_page_reporting
     assert cfg.runtimes["runc"].runtime_type == "oci"
+
+
+def test_guest_usr_picks_the_guest_image_files(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, """
+[runtimes.kata]
+runtime_type = "vm"
+machine = "microvm"
+
+[runtimes.plain]
+runtime_type = "vm"
+guest_usr = "initramfs"
+
+[runtimes.own]
+runtime_type = "vm"
+initrd = "/img/boot.cpio"
+usr_image = "/img/usr.ext4"
+"""))
+    guest = Path("/var/lib/crivm/guest")
+    vm = cfg.runtimes["vm"]
+    # q35 (the default machine) reads /usr from virtio-pmem; microvm has no PCI for it.
+    assert vm.usr_on_pmem
+    assert cfg.guest_initrd(vm) == guest / "initrd-boot.img"
+    assert cfg.guest_usr_image(vm) == guest / "usr.img"
+    for name in ("kata", "plain"):
+        handler = cfg.runtimes[name]
+        assert not handler.usr_on_pmem
+        assert cfg.guest_initrd(handler) == guest / "initrd.img"
+        assert cfg.guest_usr_image(handler) is None
+    own = cfg.runtimes["own"]
+    assert cfg.guest_initrd(own) == Path("/img/boot.cpio")
+    assert cfg.guest_usr_image(own) == Path("/img/usr.ext4")
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ('guest_usr = "pmem"\nmachine = "microvm"', "pmem needs machine"),
+    ('guest_usr = "disk"', "is not one of"),
+])
+def test_guest_usr_errors(tmp_path: Path, table: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as err:
+        config.load(write(tmp_path, f"[runtimes.vm]\n{table}\n"))
+    assert "runtimes.vm.guest_usr" in str(err.value)

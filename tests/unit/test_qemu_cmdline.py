@@ -17,6 +17,7 @@ from crivm.hypervisor.qemu.cmdline import (
     Qmp,
     Rng,
     TapNetwork,
+    UsrImage,
     VirtioFs,
     VirtioSerialAgent,
     VmConfig,
@@ -176,6 +177,24 @@ def test_balloon_with_free_page_reporting_per_machine() -> None:
     microvm = build_argv("qemu", _config(machine=Machine("microvm", "tcg"), balloon=Balloon()))
     assert "virtio-balloon-device,id=balloon0,free-page-reporting=on" in _values(microvm,
                                                                                  "-device")
+
+
+def test_usr_image_on_virtio_pmem() -> None:
+    plain = build_argv("qemu", _config())
+    assert _values(plain, "-m") == ["384M"]
+    assert "crivm.usr" not in kernel_cmdline(_config())
+    config = _config(usr=UsrImage("/g/usr.img", 34 * 2**20 + 1))
+    argv = build_argv("qemu", config)
+    # One slot of hotplug space beside RAM, big enough for the image (rounded up to MiB).
+    assert _values(argv, "-m") == ["384M,slots=1,maxmem=419M"]
+    assert ("memory-backend-file,id=usr0-mem,mem-path=/g/usr.img,size=35651585,share=off,"
+            "readonly=on") in _values(argv, "-object")
+    assert "virtio-pmem-pci,id=usr0,memdev=usr0-mem" in _values(argv, "-device")
+    words = kernel_cmdline(config).split()
+    assert "crivm.usr=pmem" in words and "swiotlb=noforce" in words
+    with pytest.raises(ValueError, match="q35"):
+        build_argv("qemu", _config(machine=Machine("microvm", "tcg"),
+                                   usr=UsrImage("/g/usr.img", 2**21)))
 
 
 def test_hotplug_ports_on_q35_only() -> None:

@@ -8,12 +8,13 @@ can be tested without QEMU; running and controlling the VM live in ``vm.py`` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 MachineType = Literal["q35", "microvm"]
 AccelKind = Literal["kvm", "tcg"]
 
 MEMORY_BACKEND_ID = "mem0"
+USR_BACKEND_ID = "usr0-mem"
 CONSOLE_ID = "console0"
 QMP_ID = "qmp0"
 AGENT_PORT_NAME = "agent.0"
@@ -88,10 +89,42 @@ class Memory:
     size_mb: int
     vcpus: int = 1
 
-    def argv(self) -> list[str]:
+    def argv(self, device_bytes: int = 0) -> list[str]:
+        """``device_bytes``: room for memory devices (virtio-pmem) beside RAM, in one slot."""
         backend = _opts("memory-backend-memfd", id=MEMORY_BACKEND_ID, size=f"{self.size_mb}M",
                         share=True)
-        return ["-object", backend, "-m", f"{self.size_mb}M", "-smp", str(self.vcpus)]
+        size = f"{self.size_mb}M"
+        if device_bytes:
+            size += f",slots=1,maxmem={self.size_mb + -(-device_bytes // 2**20)}M"
+        return ["-object", backend, "-m", size, "-smp", str(self.vcpus)]
+
+
+@dataclass(frozen=True)
+class UsrImage:
+    """The guest's /usr: a read-only filesystem image on virtio-pmem (q35 only), which the guest
+    mounts with DAX and so reads in place instead of keeping a copy in its RAM.
+
+    QEMU opens the file read-only and maps it private: the pages are the host's page cache of
+    the file, shared by every VM that maps it, and a guest that writes to its device changes
+    nothing outside itself.
+    """
+
+    path: str
+    size_bytes: int
+
+    # The device sits in memory-hotplug space above 4 GiB, so the guest kernel would reserve
+    # 64 MiB of bounce buffers for 32-bit DMA; no device here needs them (virtio without an
+    # IOMMU uses guest-physical addresses), and they cost 64 MiB of host memory per VM.
+    kernel_args: ClassVar[tuple[str, ...]] = ("crivm.usr=pmem", "swiotlb=noforce")
+
+    def argv(self, machine: MachineType) -> list[str]:
+        if machine != "q35":
+            raise ValueError("virtio-pmem needs the q35 machine")
+        return [
+            "-object", _opts("memory-backend-file", id=USR_BACKEND_ID, mem_path=self.path,
+                             size=self.size_bytes, share=False, readonly=True),
+            "-device", _opts("virtio-pmem-pci", id="usr0", memdev=USR_BACKEND_ID),
+        ]
 
 
 @dataclass(frozen=True)
@@ -249,6 +282,7 @@ class VmConfig:
     # about 30 MiB less host memory per idle VM (bench/vm_memory.py). Pod VMs have it (the vm
     # handler's free_page_reporting); other VMs opt in.
     balloon: Balloon | None = None
+    usr: UsrImage | None = None
     extra_kernel_args: tuple[str, ...] = ()
     pidfile: str | None = None
     sandbox: bool = True
@@ -287,6 +321,8 @@ def kernel_cmdline(config: VmConfig) -> str:
             # microvm has no HPET or PM timer. Under a loaded TCG host the kernel's PIT
             # calibration of the TSC fails and boot then hangs; the known rate avoids both.
             args.append(f"tsc_early_khz={config.machine.tsc_khz}")
+    if config.usr is not None:
+        args += config.usr.kernel_args
     args += config.extra_kernel_args
     return " ".join(args)
 
@@ -299,7 +335,7 @@ def build_argv(qemu_path: str, config: VmConfig) -> list[str]:
     if config.sandbox:
         argv += ["-sandbox", SANDBOX]
     argv += config.machine.argv()
-    argv += config.memory.argv()
+    argv += config.memory.argv(config.usr.size_bytes if config.usr is not None else 0)
     argv += Kernel(config.kernel_path, config.initrd_path, kernel_cmdline(config)).argv()
     argv += config.console.argv()
     argv += config.qmp.argv()
@@ -312,6 +348,8 @@ def build_argv(qemu_path: str, config: VmConfig) -> list[str]:
         argv += config.rng.argv(machine)
     if config.balloon is not None:
         argv += config.balloon.argv(machine)
+    if config.usr is not None:
+        argv += config.usr.argv(machine)
     argv += _hotplug_argv(config)
     if config.pidfile:
         argv += ["-pidfile", config.pidfile]

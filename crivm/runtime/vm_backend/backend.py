@@ -63,8 +63,9 @@ class VmBackend:
         if not binaries.ok:
             return binaries
         for path in (self.config.guest_kernel(self.handler),
-                     self.config.guest_initrd(self.handler)):
-            if not path.is_file():
+                     self.config.guest_initrd(self.handler),
+                     self.config.guest_usr_image(self.handler)):
+            if path is not None and not path.is_file():
                 return Readiness(False, "GuestImageMissing",
                                  f"{path} is missing; run `crivm guest-image build`")
         return Readiness(True)
@@ -93,7 +94,8 @@ class VmBackend:
         accel = await choose_accel(self.handler.accel, self.handler.qemu_path, Path(runroot))
         self._vm = VmEnvironment(self.name, self.handler, runroot, accel,
                                  kernel=str(self.config.guest_kernel(self.handler)),
-                                 initrd=str(self.config.guest_initrd(self.handler)))
+                                 initrd=str(self.config.guest_initrd(self.handler)),
+                                 usr_image=str(self.config.guest_usr_image(self.handler) or ""))
         shim = shim_launcher.write_launcher(os.path.join(runroot, "vm", "bin"))
         self._oci = RuncEnvironment(
             handler=self.name,

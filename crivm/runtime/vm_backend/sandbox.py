@@ -62,6 +62,8 @@ class VmEnvironment:
     # The guest image, resolved once from the handler (or `crivm guest-image build`'s output).
     kernel: str
     initrd: str
+    # The /usr image on virtio-pmem; "" when the initramfs carries /usr.
+    usr_image: str = ""
 
     def pod_paths(self, pod_id: str) -> PodPaths:
         # unix socket paths must fit in 108 bytes; a prefix of the random id is unique enough
@@ -179,18 +181,23 @@ def supervisor_pid(paths: PodPaths) -> int:
     return pid if paths.spec.encode() in cmdline else 0
 
 
-async def _page_out_initrd(qemu_pid: int, initrd: str, extra: dict[str, str]) -> None:
-    """The guest unpacked its initramfs long ago; QEMU's mapping of the file would otherwise
-    stay resident for the pod's life (see crivm.hypervisor.qemu.page_out)."""
+async def _page_out_boot_files(qemu_pid: int, env: VmEnvironment,
+                               extra: dict[str, str]) -> None:
+    """The guest unpacked its initramfs long ago, and read most of /usr only while it booted;
+    QEMU's mappings of those files would otherwise stay resident for the pod's life (see
+    crivm.hypervisor.qemu.page_out). Pages the guest reads again come back from the page cache."""
     if qemu_pid <= 0:
         return
-    try:
-        advised = await asyncio.to_thread(page_out.page_out_file, qemu_pid, initrd)
-    except page_out.PageOutError as exc:
-        log.warning("initramfs pages stay in QEMU: %s", exc, extra=extra)
-        return
-    log.debug("QEMU %d gave back %d KiB of the initramfs", qemu_pid, advised // 1024,
-              extra=extra)
+    for path in (env.initrd, env.usr_image):
+        if not path:
+            continue
+        try:
+            advised = await asyncio.to_thread(page_out.page_out_file, qemu_pid, path)
+        except page_out.PageOutError as exc:
+            log.warning("pages of %s stay in QEMU: %s", path, exc, extra=extra)
+            continue
+        log.debug("QEMU %d gave back %d KiB of %s", qemu_pid, advised // 1024, path,
+                  extra=extra)
 
 
 async def stop_supervisor(paths: PodPaths, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -230,7 +237,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
         spec = VmSpec(
             name=pod_id, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
             virtiofsd_path=handler.virtiofsd_path,
-            kernel=env.kernel, initrd=env.initrd,
+            kernel=env.kernel, initrd=env.initrd, usr_image=env.usr_image,
             machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
             free_page_reporting=handler.free_page_reporting, vcpus=vcpus, memory_mb=memory_mb,
             tap_name=net.tap_name if net else "", mac=net.mac if net else "",
@@ -246,7 +253,7 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
             dns = config.dns_config if config.HasField("dns_config") else None
             await guest_network.configure(agent, net, dns)
         undo.commit()
-    await _page_out_initrd(int(report.get("qemu_pid", 0)), env.initrd, extra)
+    await _page_out_boot_files(int(report.get("qemu_pid", 0)), env, extra)
     log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",
              pod_id, loop.time() - started, ready - started, vcpus, memory_mb, env.accel,
              extra=extra)
