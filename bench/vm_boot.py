@@ -93,7 +93,7 @@ def floor_initrd(dest: Path, busybox: Path) -> None:
 
 
 def vm_config(work: Path, name: str, machine: MachineType, accel: AccelKind, kernel: Path,
-              initrd: Path, fs_socket: Path, *, memory_mb: int = 256,
+              initrd: Path, fs_socket: str | os.PathLike[str], *, memory_mb: int = 256,
               tb_size_mb: int = 64) -> VmConfig:
     return VmConfig(
         name=name,

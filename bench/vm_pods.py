@@ -251,6 +251,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["pod_memory"] = pod_memory
         payload["pod_memory_more"] = pod_memory_more
         payload["floor_memory"] = floor_memory
+        # The daemon's own account of each pod's start (VM ready, agent answered).
+        payload["daemon_vm_ready"] = [line for line in crivm.log_path.read_text().splitlines()
+                                      if "VM of pod" in line]
     finally:
         if crivm is not None:
             if crivm.channel is not None:
