@@ -62,13 +62,13 @@ class RuntimeHandler:
     # runs new code). 32 boots the guest image as fast as 64 and saves 17-28 MiB of host memory
     # per idle pod; 16 makes TCG flush during boot and is ~60% slower (docs/performance.md).
     tcg_tb_size_mb: int = 32
-    @property
-    def usr_on_pmem(self) -> bool:
-        return self.guest_usr == "pmem" or (self.guest_usr == "auto" and self.machine == "q35")
-
     # vm: a virtio-balloon device with free page reporting, so the host gets back what the
     # guest frees (its initramfs copy, exited processes): ~35 MiB PSS per idle pod.
     free_page_reporting: bool = True
+
+    @property
+    def usr_on_pmem(self) -> bool:
+        return self.guest_usr == "pmem" or (self.guest_usr == "auto" and self.machine == "q35")
 
 
 @dataclass(frozen=True)
