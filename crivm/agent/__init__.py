@@ -1,6 +1,7 @@
 """The in-guest agent: imports only the stdlib, protobuf, crivm.proto and its own modules.
 
-Run as ``python3 -S -m crivm.agent.main``. What the guest must provide:
+Run as ``python3 -S -m crivm.agent.main`` (the guest's /init calls ``main()`` through ``-c``,
+which skips runpy). What the guest must provide:
 
 - python3.11 with asyncio, ctypes (libffi), termios, json and ipaddress; no site-packages;
 - the protobuf runtime (the guest image ships the upb backend; pure Python works too), at

@@ -153,7 +153,10 @@ export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=upb
 say "init done"
 
 if [ -e /usr/lib/crivm/crivm/agent/main.py ]; then
-    python3 -S -m crivm.agent.main --transport "$AGENT_ENDPOINT" --runc crun
+    # -c rather than -m: -m imports runpy and importlib.util first, 0.1-0.2 s under TCG. -P
+    # keeps the working directory off sys.path.
+    python3 -S -P -c 'import sys; from crivm.agent.main import main; main(sys.argv[1:])' \
+        --transport "$AGENT_ENDPOINT" --runc crun
     say "agent exited with status $?"
 else
     say "no agent in this image; idling"
