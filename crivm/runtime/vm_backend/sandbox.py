@@ -23,7 +23,7 @@ from typing import Any
 
 from google import protobuf
 
-from crivm.errors import CrivmError, DeadlineExceeded, Unavailable
+from crivm.errors import CrivmError, DeadlineExceeded, FailedPrecondition, Unavailable
 from crivm.hypervisor.qemu import page_out
 from crivm.netbridge import tap
 from crivm.netbridge.netns import netns_argv_prefix
@@ -217,7 +217,18 @@ async def stop_supervisor(paths: PodPaths, timeout_s: float = STOP_TIMEOUT_S) ->
         await wait_pid_gone(pid, 5.0)
 
 
+def _check_guest_files(env: VmEnvironment) -> None:
+    """Fail before anything is made when the guest image is not there (a handler pointing at
+    files that were never built or were removed), rather than from inside QEMU's start."""
+    for path in (env.kernel, env.initrd, env.usr_image):
+        if path and not os.path.isfile(path):
+            raise FailedPrecondition(
+                f"runtime handler {env.handler_name}: guest image file {path} is missing; "
+                "run `crivm guest-image build`")
+
+
 async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
+    _check_guest_files(env)
     pod_id = request.pod.id
     config = request.config
     extra = {"pod_id": pod_id}

@@ -18,7 +18,7 @@ from crivm.proto import api_pb2
 from tests.fixtures.http import free_port, http_get
 from tests.fixtures.images import NGINX_INDEX_HTML, PushedImage
 from tests.fixtures.netns import NetnsFactory
-from tests.fixtures.vm_daemon import VmCrivmDaemon
+from tests.fixtures.vm_daemon import MISSING_USR_IMAGE, VmCrivmDaemon
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.runc, pytest.mark.registry,
               pytest.mark.timeout(900)]
@@ -243,6 +243,18 @@ def test_vm_pod_survives_daemon_restart(vm_daemon: VmCrivmDaemon,
     cri.runtime.StopContainer(api_pb2.StopContainerRequest(container_id=ticker, timeout=5),
                               timeout=120)
     assert cri.status(ticker).status.state == api_pb2.CONTAINER_EXITED
+
+
+def test_missing_guest_image_is_a_precondition_error(vm_daemon: VmCrivmDaemon) -> None:
+    """A handler whose /usr image was never built: RunPodSandbox says which file is missing,
+    and the fixture's leak check finds nothing left behind."""
+    cri = vm_daemon.cri
+    with pytest.raises(grpc.RpcError) as info:
+        cri.run_pod(vm_daemon.pod_config("vmnousr"), handler="vm-no-usr")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert MISSING_USR_IMAGE in (info.value.details() or "")
+    assert "crivm guest-image build" in (info.value.details() or "")
+    assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
 
 
 @pytest.mark.parametrize("handler", ["vm-bad-kernel", "vm-no-agent"])
