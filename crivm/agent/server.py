@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from typing import Literal
 
 from crivm import __version__
-from crivm.agent import mounts, stats
+from crivm.agent import mounts, stats, sysctls
 from crivm.agent.containers import Containers
 from crivm.agent.errors import FailedPrecondition, GuestError
 from crivm.agent.network import GuestNetwork
@@ -49,6 +49,7 @@ class AgentService:
             ("UpdateRoutes", pb.UpdateRoutesRequest),
             ("AddARPNeighbors", pb.AddARPNeighborsRequest),
             ("SetDNS", pb.SetDNSRequest),
+            ("SetSysctls", pb.SetSysctlsRequest),
             ("Mount", pb.MountRequest),
             ("Unmount", pb.UnmountRequest),
             ("StatsContainer", pb.StatsContainerRequest),
@@ -173,6 +174,10 @@ class AgentService:
     async def SetDNS(self, request: pb.SetDNSRequest) -> pb.SetDNSResponse:
         await self._network.set_dns(request)
         return pb.SetDNSResponse()
+
+    async def SetSysctls(self, request: pb.SetSysctlsRequest) -> pb.SetSysctlsResponse:
+        await asyncio.to_thread(sysctls.apply, dict(request.sysctls))
+        return pb.SetSysctlsResponse()
 
     # ------------------------------------------------------------------------ mounts, stats
 

@@ -311,6 +311,23 @@ class SetDNSResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetSysctlsRequest(_message.Message):
+    __slots__ = ("sysctls",)
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    sysctls: _containers.ScalarMap[str, str]
+    def __init__(self, sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SetSysctlsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class MountRequest(_message.Message):
     __slots__ = ("source", "target", "fstype", "options", "read_only")
     SOURCE_FIELD_NUMBER: _ClassVar[int]

@@ -119,6 +119,11 @@ class AgentServiceStub:
                 request_serializer=crivm_dot_proto_dot_agent__pb2.SetDNSRequest.SerializeToString,
                 response_deserializer=crivm_dot_proto_dot_agent__pb2.SetDNSResponse.FromString,
                 _registered_method=True)
+        self.SetSysctls = channel.unary_unary(
+                '/crivm.agent.v1.AgentService/SetSysctls',
+                request_serializer=crivm_dot_proto_dot_agent__pb2.SetSysctlsRequest.SerializeToString,
+                response_deserializer=crivm_dot_proto_dot_agent__pb2.SetSysctlsResponse.FromString,
+                _registered_method=True)
         self.Mount = channel.unary_unary(
                 '/crivm.agent.v1.AgentService/Mount',
                 request_serializer=crivm_dot_proto_dot_agent__pb2.MountRequest.SerializeToString,
@@ -249,6 +254,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSysctls(self, request, context):
+        """The pod's sysctls, written under /proc/sys: the guest's IPC and network namespaces are
+        the pod's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Mount(self, request, context):
         """Filesystems shared from the host (virtio-fs tags).
         """
@@ -355,6 +368,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.SetDNS,
                     request_deserializer=crivm_dot_proto_dot_agent__pb2.SetDNSRequest.FromString,
                     response_serializer=crivm_dot_proto_dot_agent__pb2.SetDNSResponse.SerializeToString,
+            ),
+            'SetSysctls': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSysctls,
+                    request_deserializer=crivm_dot_proto_dot_agent__pb2.SetSysctlsRequest.FromString,
+                    response_serializer=crivm_dot_proto_dot_agent__pb2.SetSysctlsResponse.SerializeToString,
             ),
             'Mount': grpc.unary_unary_rpc_method_handler(
                     servicer.Mount,
@@ -831,6 +849,33 @@ class AgentService:
             '/crivm.agent.v1.AgentService/SetDNS',
             crivm_dot_proto_dot_agent__pb2.SetDNSRequest.SerializeToString,
             crivm_dot_proto_dot_agent__pb2.SetDNSResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSysctls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crivm.agent.v1.AgentService/SetSysctls',
+            crivm_dot_proto_dot_agent__pb2.SetSysctlsRequest.SerializeToString,
+            crivm_dot_proto_dot_agent__pb2.SetSysctlsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -220,6 +220,10 @@ class AgentClient:
         request = pb.SetDNSRequest(nameservers=nameservers, searches=searches, options=options)
         await self._call("SetDNS", request, pb.SetDNSResponse)
 
+    async def set_sysctls(self, sysctls: Mapping[str, str]) -> None:
+        await self._call("SetSysctls", pb.SetSysctlsRequest(sysctls=dict(sysctls)),
+                         pb.SetSysctlsResponse)
+
     # ------------------------------------------------------------------------ mounts, stats
 
     async def mount(

@@ -265,6 +265,8 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
             await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
             dns = config.dns_config if config.HasField("dns_config") else None
             await guest_network.configure(agent, net, dns)
+            if config.linux.sysctls:
+                await agent.set_sysctls(config.linux.sysctls)
         undo.commit()
     await _page_out_boot_files(int(report.get("qemu_pid", 0)), env, extra)
     log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",

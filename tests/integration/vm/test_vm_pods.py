@@ -245,6 +245,32 @@ def test_vm_pod_survives_daemon_restart(vm_daemon: VmCrivmDaemon,
     assert cri.status(ticker).status.state == api_pb2.CONTAINER_EXITED
 
 
+def test_vm_pod_sysctls_apply_in_the_guest(vm_daemon: VmCrivmDaemon,
+                                           busybox_image: PushedImage) -> None:
+    """The pod's namespaced sysctls (critest's safe and unsafe sysctl specs use these two) are
+    the guest's; a sysctl the guest kernel does not have fails RunPodSandbox, leaving nothing."""
+    cri = vm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = vm_daemon.pod_config("vmsysctl", linux=api_pb2.LinuxPodSandboxConfig(
+        sysctls={"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"}))
+    pod_id = cri.run_pod(pod_config, handler="vm")
+    sleeper = cri.create(pod_id, busybox("sleeper", "sleep 600"), pod_config)
+    cri.start(sleeper)
+    for path, value in (("/proc/sys/kernel/shm_rmid_forced", b"1\n"),
+                        ("/proc/sys/fs/mqueue/msg_max", b"100\n")):
+        assert cri.exec_sync(sleeper, ["cat", path]).stdout == value
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+    bad = vm_daemon.pod_config("vmbadsysctl", linux=api_pb2.LinuxPodSandboxConfig(
+        sysctls={"kernel.no_such_knob": "1"}))
+    with pytest.raises(grpc.RpcError) as info:
+        cri.run_pod(bad, handler="vm")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kernel.no_such_knob" in (info.value.details() or "")
+    assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+
+
 def test_missing_guest_image_is_a_precondition_error(vm_daemon: VmCrivmDaemon) -> None:
     """A handler whose /usr image was never built: RunPodSandbox says which file is missing,
     and the fixture's leak check finds nothing left behind."""
