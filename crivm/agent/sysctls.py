@@ -21,11 +21,9 @@ PROC_SYS = "/proc/sys"
 
 def sysctl_path(name: str, proc_sys: str = PROC_SYS) -> str:
     """The file under ``proc_sys`` for ``name``; a name that could leave it is refused."""
-    components = name.split(".")
-    if not name or "\0" in name or any(not c or c in (".", "..") for c in components):
-        raise InvalidArgument(f"sysctl {name!r} is not a sysctl name")
-    components = [c.replace("/", ".") for c in components]
-    if any(c in (".", "..") for c in components):
+    # A component turns into "." or ".." only from slashes, so that is checked after the swap.
+    components = [c.replace("/", ".") for c in name.split(".")]
+    if "\0" in name or any(c in ("", ".", "..") for c in components):
         raise InvalidArgument(f"sysctl {name!r} is not a sysctl name")
     return os.path.join(proc_sys, *components)
 
