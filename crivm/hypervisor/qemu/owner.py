@@ -15,6 +15,7 @@ Two limits, both on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # A path as the caller has it; these modules stay free of pathlib, which costs each pod's
@@ -26,6 +27,13 @@ SETPRIV = "/usr/bin/setpriv"
 
 def die_with_owner(argv: list[str], setpriv: str = SETPRIV) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+
+
+def remove_socket(path: StrPath) -> None:
+    """Remove a child's unix socket (a stale one before the start, or after the stop); a path
+    already gone is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def open_log(path: StrPath) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from crivm.errors import DeadlineExceeded, Unavailable
-from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log
+from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log, remove_socket
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ class Virtiofsd:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.kill()
                 await self.process.wait()
-        _unlink(self.socket_path)
+        remove_socket(self.socket_path)
 
 
 async def start(virtiofsd_path: str, source_dir: StrPath, socket_path: StrPath,
                 log_path: StrPath,
                 cache: CacheMode = "auto", timeout_s: float = 5.0) -> Virtiofsd:
     """Start virtiofsd for ``source_dir`` and wait until its socket accepts QEMU."""
-    _unlink(socket_path)
+    remove_socket(socket_path)
     argv = die_with_owner(virtiofsd_argv(virtiofsd_path, str(source_dir), str(socket_path),
                                          cache))
     log_fd = open_log(log_path)
@@ -86,11 +86,6 @@ async def start(virtiofsd_path: str, source_dir: StrPath, socket_path: StrPath,
         await asyncio.sleep(0.02)
     log.debug("virtiofsd %d serves %s on %s", proc.pid, source_dir, socket_path)
     return daemon
-
-
-def _unlink(path: StrPath) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _tail(path: StrPath, lines: int = 5) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from crivm.errors import DeadlineExceeded, Unavailable
 from crivm.hypervisor.qemu.accel import host_tsc_khz
 from crivm.hypervisor.qemu.cmdline import VmConfig, build_argv
-from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log
+from crivm.hypervisor.qemu.owner import StrPath, die_with_owner, open_log, remove_socket
 from crivm.hypervisor.qemu.qmp import QmpControl
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class QemuVm:
         config = with_host_facts(config)
         for stale in (config.qmp.socket_path, getattr(config.agent, "socket_path", None)):
             if stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stale)
+                remove_socket(stale)
         argv = build_argv(qemu_path, config)
         if tie_to_owner:
             argv = die_with_owner(argv)
@@ -155,6 +154,5 @@ class QemuVm:
         await self.qmp.close()
         for path in (self.config.qmp.socket_path, getattr(self.config.agent, "socket_path", None)):
             if path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                remove_socket(path)
         return code
