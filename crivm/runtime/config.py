@@ -128,6 +128,13 @@ class Config:
             return None
         return Path(handler.usr_image or Path(self.root) / "guest" / "usr.img")
 
+    def guest_files(self, handler: RuntimeHandler) -> list[Path]:
+        """Every file a vm handler's guests boot from: kernel, initramfs, and the /usr image
+        when it has one."""
+        usr = self.guest_usr_image(handler)
+        return [self.guest_kernel(handler), self.guest_initrd(handler),
+                *([usr] if usr is not None else [])]
+
 
 def load(path: str | Path) -> Config:
     """Read and validate a config file. A missing file is an error; use ``defaults()`` for none."""

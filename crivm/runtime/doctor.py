@@ -124,9 +124,7 @@ async def check_qemu(config: Config) -> list[Check]:
     vfs = _executable(handler.virtiofsd_path)
     checks.append(Check("virtiofsd", vfs, handler.virtiofsd_path if vfs else
                         f"{handler.virtiofsd_path} missing: vm pods cannot share rootfs"))
-    usr = config.guest_usr_image(handler)
-    files = [config.guest_kernel(handler), config.guest_initrd(handler),
-             *([usr] if usr is not None else [])]
+    files = config.guest_files(handler)
     missing = [str(path) for path in files if not path.exists()]
     checks.append(Check("guest image", not missing, ", ".join(map(str, files)) if not missing
                         else f"{', '.join(missing)} not built: run `crivm guest-image build`"))

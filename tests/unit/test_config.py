@@ -122,11 +122,14 @@ usr_image = "/img/usr.ext4"
     assert vm.usr_on_pmem
     assert cfg.guest_initrd(vm) == guest / "initrd-boot.img"
     assert cfg.guest_usr_image(vm) == guest / "usr.img"
+    assert cfg.guest_files(vm) == [guest / "vmlinuz", guest / "initrd-boot.img",
+                                   guest / "usr.img"]
     for name in ("kata", "plain"):
         handler = cfg.runtimes[name]
         assert not handler.usr_on_pmem
         assert cfg.guest_initrd(handler) == guest / "initrd.img"
         assert cfg.guest_usr_image(handler) is None
+        assert cfg.guest_files(handler) == [guest / "vmlinuz", guest / "initrd.img"]
     own = cfg.runtimes["own"]
     assert cfg.guest_initrd(own) == Path("/img/boot.cpio")
     assert cfg.guest_usr_image(own) == Path("/img/usr.ext4")

@@ -62,10 +62,8 @@ class VmBackend:
         ))
         if not binaries.ok:
             return binaries
-        for path in (self.config.guest_kernel(self.handler),
-                     self.config.guest_initrd(self.handler),
-                     self.config.guest_usr_image(self.handler)):
-            if path is not None and not path.is_file():
+        for path in self.config.guest_files(self.handler):
+            if not path.is_file():
                 return Readiness(False, "GuestImageMissing",
                                  f"{path} is missing; run `crivm guest-image build`")
         return Readiness(True)
