@@ -49,16 +49,9 @@ def boot_entries(entries: list[cpio.Entry]) -> list[cpio.Entry]:
     return kept
 
 
-def image_bytes(tree: Path) -> int:
-    """Room for ``tree``'s files in 4 KiB blocks, its inodes and ext4's own metadata, rounded up
-    to whole 2 MiB sections."""
-    blocks = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in [*dirnames, *filenames]:
-            inodes += 1
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                blocks += -(-st.st_size // BLOCK_SIZE)
+def image_bytes(blocks: int, inodes: int) -> int:
+    """Room for ``blocks`` 4 KiB blocks of file data, ``inodes`` inodes and ext4's own
+    metadata, rounded up to whole 2 MiB sections."""
     # Directories take a block each (counted with the inodes); inode tables 256 bytes per inode
     # with headroom; 10% more for block bitmaps, group descriptors and extent trees.
     data = (blocks + inodes // 4 + 64) * BLOCK_SIZE
@@ -66,34 +59,35 @@ def image_bytes(tree: Path) -> int:
     return -(-total // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def inode_count(tree: Path) -> int:
-    count = 1
-    for _dirpath, dirnames, filenames in os.walk(tree):
-        count += len(dirnames) + len(filenames)
-    return count + 64
-
-
-def _prepare(tree: Path, tmp: Path) -> int:
-    """Size the image, create its file, and date every file in ``tree`` to the epoch, as in the
-    initramfs, so that the image is reproducible."""
-    size = image_bytes(tree)
+def _prepare(tree: Path, tmp: Path) -> tuple[int, int]:
+    """In one walk of ``tree``: date every entry to the epoch, as in the initramfs, so that the
+    image is reproducible, and count its inodes and data blocks. Then create the image file at
+    its size. Returns (size, inodes for mkfs)."""
+    blocks = inodes = 0
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in [*dirnames, *filenames]:
-            os.utime(os.path.join(dirpath, name), (0, 0), follow_symlinks=False)
+            path = os.path.join(dirpath, name)
+            inodes += 1
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                blocks += -(-st.st_size // BLOCK_SIZE)
+            os.utime(path, (0, 0), follow_symlinks=False)
     os.utime(tree, (0, 0))
+    size = image_bytes(blocks, inodes)
     tmp.unlink(missing_ok=True)
     with open(tmp, "wb") as out:
         out.truncate(size)
-    return size
+    # mkfs's inode count: the entries, the root, and room for ext4's reserved inodes.
+    return size, inodes + 1 + 64
 
 
 async def write_image(tree: Path, dest: Path) -> int:
     """Write ``tree`` (the guest's ``/usr``) as an ext4 image at ``dest``; returns its size."""
     tmp = dest.with_name(f".{dest.name}.tmp")
-    size = await asyncio.to_thread(_prepare, tree, tmp)
+    size, inodes = await asyncio.to_thread(_prepare, tree, tmp)
     try:
         await debian.run_tool(
-            "mkfs.ext4", "-q", "-F", "-b", str(BLOCK_SIZE), "-N", str(inode_count(tree)),
+            "mkfs.ext4", "-q", "-F", "-b", str(BLOCK_SIZE), "-N", str(inodes),
             "-m", "0", "-L", LABEL, "-U", FS_UUID,
             # No journal (it is never written), no room to grow, no lazy init left for later.
             "-O", "^has_journal,^resize_inode",

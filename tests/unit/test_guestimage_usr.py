@@ -82,7 +82,8 @@ def test_usr_image_of_a_tree_too_big_for_its_estimate_fails_cleanly(
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("needs e2fsprogs")
     usr = _tree(tmp_path)
-    monkeypatch.setattr(usr_image, "image_bytes", lambda tree: usr_image.ALIGN_BYTES // 8)
+    monkeypatch.setattr(usr_image, "image_bytes",
+                        lambda blocks, inodes: usr_image.ALIGN_BYTES // 8)
     dest = tmp_path / "usr.img"
     with pytest.raises(GuestImageError, match="^mkfs.ext4 .* failed"):
         asyncio.run(usr_image.write_image(usr, dest))
