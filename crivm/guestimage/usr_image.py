@@ -29,6 +29,7 @@ BLOCK_SIZE = 4096
 FS_UUID = "7c1b4c5e-2f0e-4d53-9a39-6b0b8f7f2a10"
 HASH_SEED = "2d3e1f61-0c55-4b1e-8f6a-3f1a9d0e5c42"
 LABEL = "crivm-usr"
+_TIMES = ("atime", "mtime", "ctime")
 
 _BOOT_USR_FILES = ("usr/bin/busybox",)
 _BOOT_USR_DIRS = ("usr/lib/modules/",)
@@ -59,20 +60,24 @@ def image_bytes(blocks: int, inodes: int) -> int:
     return -(-total // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def _prepare(tree: Path, tmp: Path) -> tuple[int, int]:
-    """In one walk of ``tree``: date every entry to the epoch, as in the initramfs, so that the
-    image is reproducible, and count its inodes and data blocks. Then create the image file at
-    its size. Returns (size, inodes for mkfs)."""
+def _prepare(tree: Path, tmp: Path, script: Path) -> tuple[int, int]:
+    """Count ``tree``'s inodes and data blocks, create the image file at its size, and write
+    ``script``: the debugfs commands that date every inode to the epoch once mkfs has copied
+    the tree. mkfs -d takes each inode's times from the tree, where reading a directory moves
+    its atime and the kernel sets every ctime to now, so only the image itself can be dated.
+    Returns (size, inodes for mkfs)."""
     blocks = inodes = 0
+    paths = ["/"]
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in [*dirnames, *filenames]:
             path = os.path.join(dirpath, name)
             inodes += 1
+            paths.append("/" + os.path.relpath(path, tree))
             st = os.lstat(path)
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 blocks += -(-st.st_size // BLOCK_SIZE)
-            os.utime(path, (0, 0), follow_symlinks=False)
-    os.utime(tree, (0, 0))
+    script.write_text("".join(f'set_inode_field "{path}" {field} 0\n'
+                              for path in paths for field in _TIMES))
     size = image_bytes(blocks, inodes)
     tmp.unlink(missing_ok=True)
     with open(tmp, "wb") as out:
@@ -84,7 +89,8 @@ def _prepare(tree: Path, tmp: Path) -> tuple[int, int]:
 async def write_image(tree: Path, dest: Path) -> int:
     """Write ``tree`` (the guest's ``/usr``) as an ext4 image at ``dest``; returns its size."""
     tmp = dest.with_name(f".{dest.name}.tmp")
-    size, inodes = await asyncio.to_thread(_prepare, tree, tmp)
+    script = dest.with_name(f".{dest.name}.debugfs")
+    size, inodes = await asyncio.to_thread(_prepare, tree, tmp, script)
     try:
         await debian.run_tool(
             "mkfs.ext4", "-q", "-F", "-b", str(BLOCK_SIZE), "-N", str(inodes),
@@ -93,12 +99,16 @@ async def write_image(tree: Path, dest: Path) -> int:
             "-O", "^has_journal,^resize_inode",
             "-E", f"root_owner=0:0,hash_seed={HASH_SEED},lazy_itable_init=0,nodiscard",
             "-d", str(tree), str(tmp),
-            # The superblock's and the root's times, which -d does not take from the tree.
+            # The superblock's times and each inode's creation time.
             env={"E2FSPROGS_FAKE_TIME": "1", "SOURCE_DATE_EPOCH": "1"},
         )
+        await debian.run_tool("debugfs", "-w", "-f", str(script), str(tmp),
+                              env={"E2FSPROGS_FAKE_TIME": "1"})
     except GuestImageError:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        script.unlink(missing_ok=True)
     written = tmp.stat().st_size
     if written != size:
         tmp.unlink(missing_ok=True)

@@ -53,6 +53,8 @@ async def test_forced_rebuild_is_byte_identical(guest_image: BuildResult, tmp_pa
     assert not fresh.cached
     assert fresh.initrd.read_bytes() == guest_image.initrd.read_bytes()
     assert fresh.kernel.read_bytes() == guest_image.kernel.read_bytes()
+    assert fresh.boot_initrd.read_bytes() == guest_image.boot_initrd.read_bytes()
+    assert fresh.usr_image.read_bytes() == guest_image.usr_image.read_bytes()
 
 
 @pytest.mark.parametrize("machine", ["q35", "microvm"])
