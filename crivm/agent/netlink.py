@@ -134,12 +134,15 @@ class Netlink:
             )
         return links
 
-    def set_link(self, index: int, *, up: bool | None = None, name: str = "", mtu: int = 0) -> None:
+    def set_link(self, index: int, *, up: bool | None = None, name: str = "", mtu: int = 0,
+                 mac: str = "") -> None:
         flags = IFF_UP if up else 0
         change = IFF_UP if up is not None else 0
         attrs = b""
         if name:
             attrs += attr(IFLA_IFNAME, name.encode() + b"\0")
+        if mac:
+            attrs += attr(IFLA_ADDRESS, mac_bytes(mac))
         if mtu:
             attrs += attr(IFLA_MTU, struct.pack("=I", mtu))
         body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import ParamSpec, TypeVar
 
 from crivm.agent.errors import GuestError, InvalidArgument, NotFound
-from crivm.agent.netlink import Link, Netlink, NetlinkError
+from crivm.agent.netlink import Link, Netlink, NetlinkError, mac_bytes
 from crivm.proto import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ def _link_by_name(links: list[Link], name: str) -> Link:
 
 def _update_interfaces(interfaces: list[agent_pb2.Interface]) -> list[agent_pb2.Interface]:
     configured = []
+    for wanted in interfaces:
+        if wanted.set_mac:
+            mac_bytes(wanted.set_mac)  # a bad one fails before any device changes
     with Netlink() as nl:
         links = nl.links()
         # Containers expect a working localhost; a bare guest kernel leaves lo down.
@@ -99,19 +102,24 @@ def _update_interfaces(interfaces: list[agent_pb2.Interface]) -> list[agent_pb2.
         for wanted in interfaces:
             link = _link_by_mac(links, wanted.mac)
             name = wanted.name or link.name
-            if name != link.name:
-                # The kernel renames only links that are down.
+            mac = wanted.set_mac.lower()
+            if name != link.name or (mac and mac != link.mac):
+                # The kernel renames only links that are down, and virtio-net takes a new MAC
+                # only while down.
                 nl.set_link(link.index, up=False)
-                nl.set_link(link.index, name=name)
+                nl.set_link(link.index, name=name if name != link.name else "",
+                            mac=mac if mac != link.mac else "")
             if wanted.mtu:
                 nl.set_link(link.index, mtu=wanted.mtu)
             for address in wanted.addresses:
                 nl.add_address(link.index, address.address, address.prefix_len)
             nl.set_link(link.index, up=True)
-            log.info("configured %s (%s) as %s", link.name, link.mac, name)
+            log.info("configured %s (%s) as %s (%s)", link.name, link.mac, name, mac or link.mac)
             result = agent_pb2.Interface()
             result.CopyFrom(wanted)
             result.name = name
+            if mac:
+                result.mac, result.set_mac = mac, ""
             result.mtu = wanted.mtu or link.mtu
             configured.append(result)
     return configured

@@ -118,33 +118,46 @@ def _remove(ipr: Any, veth: str, tap: str) -> None:
         ipr.link("del", index=tap_index)  # takes its own qdisc and filter with it
 
 
-def _attach(veth: str, tap: str) -> GuestNetwork:
-    with IPRoute() as ipr:
-        veth_index = _index(ipr, veth)
-        if veth_index is None:
-            raise NotFound(f"no interface {veth} in the pod netns to join the tap to")
+def _create(ipr: Any, tap: str) -> int:
+    ipr.link(
+        "add", ifname=tap, kind="tuntap", mode="tap", uid=0, gid=0,
+        ifr={"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": False},
+    )
+    index = _index(ipr, tap)
+    assert index is not None
+    return index
+
+
+def _join(ipr: Any, veth: str, tap: str, create: bool) -> GuestNetwork:
+    """Redirect ``tap`` (made here when ``create``) and ``veth`` to each other, both ways."""
+    veth_index = _index(ipr, veth)
+    if veth_index is None:
+        raise NotFound(f"no interface {veth} in the pod netns to join the tap to")
+    if create:
         _remove(ipr, veth, tap)  # a retried attach starts clean
-        (link,) = ipr.get_links(veth_index)
-        mac = link.get_attr("IFLA_ADDRESS")
-        mtu = int(link.get_attr("IFLA_MTU"))
-        ipr.link(
-            "add", ifname=tap, kind="tuntap", mode="tap", uid=0, gid=0,
-            ifr={"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": False},
+    (link,) = ipr.get_links(veth_index)
+    mac = link.get_attr("IFLA_ADDRESS")
+    mtu = int(link.get_attr("IFLA_MTU"))
+    tap_index = _create(ipr, tap) if create else _index(ipr, tap)
+    if tap_index is None:
+        raise NotFound(f"no tap {tap} in the pod netns to join to {veth}")
+    try:
+        ipr.link("set", index=tap_index, mtu=mtu, state="up")
+        _redirect(ipr, veth_index, tap_index)
+        _redirect(ipr, tap_index, veth_index)
+        return GuestNetwork(
+            tap_name=tap, mac=mac, mtu=mtu,
+            addresses=_guest_addresses(ipr, veth_index),
+            routes=_guest_routes(ipr, veth_index),
         )
-        try:
-            tap_index = _index(ipr, tap)
-            assert tap_index is not None
-            ipr.link("set", index=tap_index, mtu=mtu, state="up")
-            _redirect(ipr, veth_index, tap_index)
-            _redirect(ipr, tap_index, veth_index)
-            return GuestNetwork(
-                tap_name=tap, mac=mac, mtu=mtu,
-                addresses=_guest_addresses(ipr, veth_index),
-                routes=_guest_routes(ipr, veth_index),
-            )
-        except BaseException:
-            _remove(ipr, veth, tap)
-            raise
+    except BaseException:
+        _remove(ipr, veth, tap)
+        raise
+
+
+def _attach(veth: str, tap: str, create: bool) -> GuestNetwork:
+    with IPRoute() as ipr:
+        return _join(ipr, veth, tap, create)
 
 
 async def attach_tap(
@@ -155,10 +168,51 @@ async def attach_tap(
     Returns the MAC, MTU, addresses and routes the guest interface must get.
     """
     try:
-        net = await call_in_netns(netns_path, _attach, veth, tap)
+        net = await call_in_netns(netns_path, _attach, veth, tap, True)
     except (NetlinkError, OSError) as exc:
         raise CrivmError(f"joining tap {tap} to {veth} in {netns_path}: {exc}") from exc
     log.debug("tap %s joined to %s in %s (mac %s)", tap, veth, netns_path, net.mac)
+    return net
+
+
+def _make_spare(tap: str) -> None:
+    with IPRoute() as ipr:
+        _create(ipr, tap)
+
+
+async def make_spare_tap(netns_path: str, tap: str = TAP_NAME) -> None:
+    """A tap alone in a netns of its own, for a VM booted before its pod exists; see
+    :func:`adopt_tap`. It goes with that netns (or with its VM, once adopted)."""
+    try:
+        await call_in_netns(netns_path, _make_spare, tap)
+    except (NetlinkError, OSError) as exc:
+        raise CrivmError(f"creating tap {tap} in {netns_path}: {exc}") from exc
+
+
+def _send(tap: str, target_netns: str) -> None:
+    target = os.open(target_netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            index = _index(ipr, tap)
+            if index is None:
+                raise NotFound(f"no tap {tap} to move")
+            ipr.link("set", index=index, net_ns_fd=target)
+    finally:
+        os.close(target)
+
+
+async def adopt_tap(spare_netns: str, netns_path: str, veth: str = VETH_NAME,
+                    tap: str = TAP_NAME) -> GuestNetwork:
+    """Move the spare ``tap`` (its VM keeps it open: a tap's queues survive the move) from
+    ``spare_netns`` into the pod netns, and redirect it to and from ``veth`` there, as
+    :func:`attach_tap` does with a new one. Undone by :func:`detach_tap`."""
+    try:
+        await call_in_netns(spare_netns, _send, tap, netns_path)
+        net = await call_in_netns(netns_path, _attach, veth, tap, False)
+    except (NetlinkError, OSError) as exc:
+        raise CrivmError(f"moving tap {tap} from {spare_netns} to {veth} in {netns_path}: "
+                         f"{exc}") from exc
+    log.debug("tap %s moved into %s and joined to %s (mac %s)", tap, netns_path, veth, net.mac)
     return net
 
 

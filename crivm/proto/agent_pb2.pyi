@@ -232,16 +232,18 @@ class IPAddress(_message.Message):
     def __init__(self, address: _Optional[str] = ..., prefix_len: _Optional[int] = ...) -> None: ...
 
 class Interface(_message.Message):
-    __slots__ = ("mac", "name", "addresses", "mtu")
+    __slots__ = ("mac", "name", "addresses", "mtu", "set_mac")
     MAC_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     MTU_FIELD_NUMBER: _ClassVar[int]
+    SET_MAC_FIELD_NUMBER: _ClassVar[int]
     mac: str
     name: str
     addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
     mtu: int
-    def __init__(self, mac: _Optional[str] = ..., name: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ...) -> None: ...
+    set_mac: str
+    def __init__(self, mac: _Optional[str] = ..., name: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ..., set_mac: _Optional[str] = ...) -> None: ...
 
 class UpdateInterfacesRequest(_message.Message):
     __slots__ = ("interfaces",)

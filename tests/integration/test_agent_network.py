@@ -95,3 +95,32 @@ async def test_interfaces_routes_and_neighbors(
     assert (None, 0, "10.89.3.1") in seen["routes"]
     assert ("10.200.0.0", 16, None) in seen["routes"]
     assert ("10.89.3.1", GATEWAY_MAC) in seen["neighbors"]
+
+
+def link_mac(name: str) -> str:
+    with IPRoute() as ipr:
+        (index,) = ipr.link_lookup(ifname=name)
+        return str(ipr.get_links(index)[0].get_attr("IFLA_ADDRESS"))
+
+
+async def test_interface_takes_a_new_mac(netns_factory: NetnsFactory, short_tmp: Path) -> None:
+    """A warm VM's NIC was booted with a MAC of its own; the pod's veth MAC replaces it."""
+    ns = await netns_factory.create("agentmac")
+    await call_in_netns(ns.path, make_device)
+    agent = await start_agent(short_tmp / "state", str(short_tmp / "a.sock"), netns=ns.path)
+    pod_mac = "0a:58:0a:59:03:07"
+    try:
+        async with AgentClient(agent.socket_path) as client:
+            await client.wait_ready(15)
+            with pytest.raises(errors.InvalidArgument, match="not a MAC address"):
+                await client.update_interfaces([pb.Interface(mac=MAC, set_mac="0a:58:zz")])
+            wanted = pb.Interface(mac=MAC, set_mac=pod_mac.upper(), name="eth0",
+                                  addresses=[pb.IPAddress(address="10.89.3.7", prefix_len=24)])
+            (configured,) = await client.update_interfaces([wanted])
+            assert (configured.mac, configured.set_mac, configured.name) == (pod_mac, "", "eth0")
+            # Repeating it finds the device by its new MAC and changes nothing.
+            await client.update_interfaces([pb.Interface(mac=pod_mac, set_mac=pod_mac)])
+    finally:
+        await stop_agent(agent)
+    assert await call_in_netns(ns.path, link_mac, "eth0") == pod_mac
+    assert (await call_in_netns(ns.path, observe))["up"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from crivm.errors import CrivmError
 from crivm.netbridge import netns, tap
 from crivm.netbridge.cni import PodNetwork
 from tests.fixtures.netns import TEST_GATEWAY, NetnsFactory, TrackingCniNetwork
@@ -95,6 +96,23 @@ def arp_reply(own_mac: str, to_mac: bytes) -> bytes:
     return to_mac + own + struct.pack("!H", ETH_P_ARP) + arp
 
 
+async def exchange_frames(fd: int, guest: tap.GuestNetwork, peer: str, peer_mac: str) -> None:
+    """Through the tap's fd, as QEMU would: ARP and a datagram, both ways."""
+    # peer -> pod: the ARP request for the pod IP arrives on eth0 and leaves on the tap.
+    await netns.call_in_netns(peer, send_udp, b"hello-tap")
+    request = await asyncio.to_thread(read_frame, fd, ETH_P_ARP)
+    assert request[0:6] == b"\xff" * 6 and request[6:12] == mac_bytes(peer_mac)
+    assert request[38:42] == socket.inet_aton(POD_IP)  # ARP target protocol address
+
+    # pod -> peer: a reply written to the tap leaves through eth0, with eth0's MAC, and
+    # the peer, now knowing the pod, delivers the queued datagram back through the tap.
+    os.write(fd, arp_reply(guest.mac, mac_bytes(peer_mac)))
+    datagram = await asyncio.to_thread(read_frame, fd, ETH_P_IP)
+    assert datagram.endswith(b"hello-tap")
+    assert datagram[0:6] == mac_bytes(guest.mac)
+    assert await netns.call_in_netns(peer, peer_neighbour_mac) == guest.mac
+
+
 async def test_frames_cross_between_tap_and_veth(netns_factory: NetnsFactory) -> None:
     pod, peer = await netns_factory.create("pod"), await netns_factory.create("peer")
     await netns.call_in_netns(pod.path, make_pod_side, peer.path)
@@ -107,19 +125,7 @@ async def test_frames_cross_between_tap_and_veth(netns_factory: NetnsFactory) ->
     assert guest.mtu == 1500
     fd = await tap.open_tap_fd(pod.path)
     try:
-        # peer -> pod: the ARP request for the pod IP arrives on eth0 and leaves on the tap.
-        await netns.call_in_netns(peer.path, send_udp, b"hello-tap")
-        request = await asyncio.to_thread(read_frame, fd, ETH_P_ARP)
-        assert request[0:6] == b"\xff" * 6 and request[6:12] == mac_bytes(peer_mac)
-        assert request[38:42] == socket.inet_aton(POD_IP)  # ARP target protocol address
-
-        # pod -> peer: a reply written to the tap leaves through eth0, with eth0's MAC, and
-        # the peer, now knowing the pod, delivers the queued datagram back through the tap.
-        os.write(fd, arp_reply(guest.mac, mac_bytes(peer_mac)))
-        datagram = await asyncio.to_thread(read_frame, fd, ETH_P_IP)
-        assert datagram.endswith(b"hello-tap")
-        assert datagram[0:6] == mac_bytes(guest.mac)
-        assert await netns.call_in_netns(peer.path, peer_neighbour_mac) == guest.mac
+        await exchange_frames(fd, guest, peer.path, peer_mac)
     finally:
         os.close(fd)
 
@@ -129,6 +135,31 @@ async def test_frames_cross_between_tap_and_veth(netns_factory: NetnsFactory) ->
     await tap.detach_tap(pod.path)  # idempotent
     await netns.remove_netns(pod.path)
     await tap.detach_tap(pod.path)  # and fine once the netns is gone
+
+
+async def test_spare_tap_moves_into_the_pod_with_its_queue_open(
+    netns_factory: NetnsFactory
+) -> None:
+    """A warm VM's tap: made in a netns of its own and opened there (by QEMU), then moved
+    into the pod netns and joined to eth0; the fd opened before the move carries the frames."""
+    spare = await netns_factory.create("spare")
+    pod, peer = await netns_factory.create("pod"), await netns_factory.create("peer")
+    await netns.call_in_netns(pod.path, make_pod_side, peer.path)
+    peer_mac = await netns.call_in_netns(peer.path, make_peer_side)
+    await tap.make_spare_tap(spare.path)
+    fd = await tap.open_tap_fd(spare.path)
+    try:
+        guest = await tap.adopt_tap(spare.path, pod.path)
+        assert guest.tap_name == tap.TAP_NAME
+        assert guest.addresses == (ipaddress.ip_interface(f"{POD_IP}/24"),)
+        assert tap.TAP_NAME not in await netns.call_in_netns(spare.path, link_names)
+        await exchange_frames(fd, guest, peer.path, peer_mac)
+        with pytest.raises(CrivmError, match="no tap"):
+            await tap.adopt_tap(spare.path, pod.path)  # moved already
+    finally:
+        os.close(fd)
+    await tap.detach_tap(pod.path)
+    assert tap.TAP_NAME not in await netns.call_in_netns(pod.path, link_names)
 
 
 async def test_attach_twice_rebuilds_cleanly(netns_factory: NetnsFactory) -> None:
