@@ -10,7 +10,12 @@ For each run, alternating so that host load drifts over all of them alike:
 - host memory: PSS of every process of the idle VM pod (QEMU, virtiofsd, supervisor, the
   container's stand-in, conmon) beside the idle floor: the same VM whose busybox init then
   sleeps; then again with EXTRA_CONTAINERS more sleepers in the pod, for the cost of one more
-  container (its stand-in and conmon, and what the supervisor grows by relaying its stdio).
+  container (its stand-in and conmon, and what the supervisor grows by relaying its stdio);
+- the same for a pod of handler "vm-warm" (``warm_vms = 1``), which takes a VM the daemon
+  booted ahead of it: the bench waits until the warm VM is ready before it starts the pod,
+  and again (the pool boots the next one at once) before it moves on. The waiting warm VM's
+  processes are left out of every pod's memory, and reported on their own
+  (``--no-warm`` skips all of this).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import logging
 import os
 import shutil
@@ -42,6 +48,7 @@ from crivm.guestimage import cpio, elf
 from crivm.guestimage.build import DEFAULT_CACHE_DIR, DEFAULT_OUT_DIR, BuildResult, build
 from crivm.hypervisor.qemu.cmdline import AccelKind, MachineType
 from crivm.hypervisor.qemu.vm import QemuVm
+from crivm.proto import api_pb2
 from crivm.runtime.config import RuntimeHandler
 from tests.fixtures import image_recipes
 from tests.fixtures.images import push
@@ -60,8 +67,9 @@ IDLE_INIT = f"#!/bin/busybox sh\n/bin/busybox echo {IDLE_MARKER}\nexec /bin/busy
 TIMEOUT_S = 240.0
 EXTRA_CONTAINERS = 3
 
+COLD, WARM = "vm", "vm-warm"
 VM_HANDLER_TOML = f"""
-[runtimes.vm]
+[runtimes.{{name}}]
 runtime_type = "vm"
 kernel = "{{kernel}}"
 initrd = "{{initrd}}"
@@ -73,6 +81,7 @@ default_memory_mb = {GUEST_MEMORY_MB - 128}
 memory_overhead_mb = 128
 tcg_tb_size_mb = {{tb_size}}
 boot_timeout_s = {TIMEOUT_S}
+warm_vms = {{warm_vms}}
 """
 
 
@@ -123,30 +132,67 @@ async def idle_floor_memory(work: Path, name: str, kernel: Path, initrd: Path,
         await fs.stop()
 
 
-def _pod_memory(runroot: Path) -> dict[str, dict[str, int]]:
+def warm_vms(cri: TimedCri) -> dict[str, Any]:
+    """The warm pool's state from Status (verbose)."""
+    reply = cri.runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=10)
+    info: dict[str, Any] = json.loads(reply.info["handlers"])[WARM]["warm_vms"]
+    return info
+
+
+def wait_warm(cri: TimedCri) -> float:
+    """Until the warm VM is ready; how long that took."""
+    started = time.perf_counter()
+    while (info := warm_vms(cri))["ready"] < 1:
+        if time.perf_counter() - started > TIMEOUT_S:
+            raise RuntimeError(f"no warm VM after {TIMEOUT_S:.0f} s: {info}")
+        time.sleep(0.25)
+    return time.perf_counter() - started
+
+
+def waiting_warm_dirs(runroot: Path, but: str = "") -> list[str]:
+    return [str(d) + "/" for d in (runroot / "vm").glob("warm-*") if str(d) != but]
+
+
+def _pod_memory(runroot: Path, exclude: list[str]) -> dict[str, dict[str, int]]:
+    """Every process naming the daemon's runroot, but those of the waiting warm VMs."""
+    waiting = set().union(*(processes_mentioning(d) for d in exclude)) if exclude else set()
     return pss_by_process([pid for pid in processes_mentioning(str(runroot))
-                           if pid != os.getpid()])
+                           if pid != os.getpid() and pid not in waiting])
 
 
-def vm_pod_run(cri: TimedCri, runroot: Path,
-               index: int) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+def _waiting_memory(runroot: Path) -> dict[str, dict[str, int]]:
+    """The processes of the waiting warm VM (QEMU, virtiofsd, supervisor)."""
+    dirs = waiting_warm_dirs(runroot)
+    return pss_by_process(sorted(set().union(*(processes_mentioning(d) for d in dirs))))
+
+
+def vm_pod_run(cri: TimedCri, runroot: Path, index: int,
+               handler: str) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """One VM pod up to a running container; its memory when idle, and again with
     EXTRA_CONTAINERS more containers; then removed."""
-    config = cri.pod_config(f"vm-{index}")
+    label = "VM" if handler == COLD else "VM (warm VM)"
+    if handler == WARM:
+        cri.samples["warm VM: boot after the previous one was taken"].append(wait_warm(cri))
+    config = cri.pod_config(f"{handler}-{index}")
     started = time.perf_counter()
-    pod_id = cri.run_pod(config, "VM RunPodSandbox", handler="vm")
+    pod_id = cri.run_pod(config, f"{label} RunPodSandbox", handler=handler)
     ctr = cri.create(pod_id, config, "sleeper", SMALL_IMAGE, SLEEPER_COMMAND,
-                     "VM CreateContainer")
-    cri.start(ctr, "VM StartContainer")
-    cri.samples["VM RunPodSandbox until the first container runs"].append(
+                     f"{label} CreateContainer")
+    cri.start(ctr, f"{label} StartContainer")
+    cri.samples[f"{label} RunPodSandbox until the first container runs"].append(
         time.perf_counter() - started)
+    reply = cri.runtime.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True), timeout=10)
+    pod_dir = str(json.loads(reply.info["info"])["vm"]["pod_dir"])
+    if handler == WARM:
+        wait_warm(cri)  # the pool's next boot must not overlap the memory reading
     time.sleep(MEMORY_SETTLE_S)
-    memory = _pod_memory(runroot)
+    memory = _pod_memory(runroot, waiting_warm_dirs(runroot, but=pod_dir))
     for extra in range(EXTRA_CONTAINERS):
         more = cri.create(pod_id, config, f"sleeper{extra}", SMALL_IMAGE, SLEEPER_COMMAND)
         cri.start(more)
     time.sleep(MEMORY_SETTLE_S)
-    more_memory = _pod_memory(runroot)
+    more_memory = _pod_memory(runroot, waiting_warm_dirs(runroot, but=pod_dir))
     cri.stop_pod(pod_id)
     cri.remove_pod(pod_id)
     return memory, more_memory
@@ -173,18 +219,28 @@ def render(payload: dict[str, Any]) -> str:
     for op, values in payload["samples"].items():
         lines.append(f"| {op} | {statistics.median(values):.2f} "
                      f"| {min(values):.2f}-{max(values):.2f} |")
-    ready = statistics.median(payload["samples"]["VM RunPodSandbox until the first container runs"])
-    lines += ["", f"Pod start / floor: {ready / statistics.median(floor):.2f}", "",
-              "| host memory (PSS MiB, median run) | VM pod | idle floor |",
-              "| --- | ---: | ---: |"]
+    lines.append("")
+    for label in ("VM", "VM (warm VM)"):
+        values = payload["samples"].get(f"{label} RunPodSandbox until the first container runs")
+        if values:
+            ratio = statistics.median(values) / statistics.median(floor)
+            lines.append(f"{label} pod start / floor: {ratio:.2f}  ")
     pod, bare = payload["pod_memory"], payload["floor_memory"]
-    names = sorted({name for run in pod + bare for name in run})
+    sides = [("VM pod", pod), ("idle floor", bare)]
+    if payload.get("warm_pod_memory"):
+        sides.insert(1, ("VM pod (warm VM)", payload["warm_pod_memory"]))
+    if payload.get("waiting_warm_memory"):
+        sides.append(("a waiting warm VM", payload["waiting_warm_memory"]))
+    lines += ["", "| host memory (PSS MiB, median run) | "
+              + " | ".join(name for name, _ in sides) + " |",
+              "| --- |" + " ---: |" * len(sides)]
+    names = sorted({name for _, side in sides for run in side for name in run})
     for name in names:
         cells = [statistics.median([run.get(name, {}).get("pss_kib", 0) / 1024 for run in side])
-                 for side in (pod, bare)]
-        lines.append(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
-    lines.append(f"| **total** | {statistics.median([_total_mib(r) for r in pod]):.1f} "
-                 f"| {statistics.median([_total_mib(r) for r in bare]):.1f} |")
+                 for _, side in sides]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lines.append("| **total** | " + " | ".join(
+        f"{statistics.median([_total_mib(r) for r in side]):.1f}" for _, side in sides) + " |")
     more = payload.get("pod_memory_more") or []
     if more:
         lines += ["", f"| each of {EXTRA_CONTAINERS} more containers in the pod (PSS MiB, median "
@@ -212,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pod_memory: list[dict[str, dict[str, int]]] = []
     pod_memory_more: list[dict[str, dict[str, int]]] = []
     floor_memory: list[dict[str, dict[str, int]]] = []
+    warm_pod_memory: list[dict[str, dict[str, int]]] = []
+    waiting_warm_memory: list[dict[str, dict[str, int]]] = []
     try:
         (work / "pause-build").mkdir()
         binary = image_recipes.compile_pause(work / "pause-build")
@@ -224,10 +282,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         floor_initrd(floor_boot, image_recipes.BUSYBOX_BINARY)
         idle_initrd(floor_idle, image_recipes.BUSYBOX_BINARY)
         pmem = args.guest_usr == "pmem"
-        extra = VM_HANDLER_TOML.format(
-            kernel=image.kernel, initrd=image.boot_initrd if pmem else image.initrd,
+        handlers = [(COLD, 0)] + ([] if args.no_warm else [(WARM, 1)])
+        extra = "".join(VM_HANDLER_TOML.format(
+            name=name, kernel=image.kernel, initrd=image.boot_initrd if pmem else image.initrd,
             guest_usr=args.guest_usr, usr_image=image.usr_image if pmem else "",
-            tb_size=args.tb_size)
+            tb_size=args.tb_size, warm_vms=warm) for name, warm in handlers)
         crivm = crivm_runtime(work / "crivm", registries_conf, work / "cni", extra_toml=extra)
         crivm.start()
         assert crivm.channel is not None
@@ -238,9 +297,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for index in range(args.runs):
             asyncio.run(run_floor(work, f"floor{index}", MACHINE, ACCEL, image.kernel,
                                   floor_boot, floor_samples, tb_size_mb=args.tb_size))
-            memory, more_memory = vm_pod_run(cri, work / "crivm" / "run", index)
+            runroot = work / "crivm" / "run"
+            if not args.no_warm:
+                wait_warm(cri)  # idle, not booting, while the cold pod is measured
+            memory, more_memory = vm_pod_run(cri, runroot, index, COLD)
             pod_memory.append(memory)
             pod_memory_more.append(more_memory)
+            if not args.no_warm:
+                waiting_warm_memory.append(_waiting_memory(runroot))
+                memory, _ = vm_pod_run(cri, runroot, index, WARM)
+                warm_pod_memory.append(memory)
+                wait_warm(cri)
             floor_memory.append(asyncio.run(idle_floor_memory(work, f"idle{index}",
                                                               image.kernel, floor_idle,
                                                               args.tb_size)))
@@ -251,9 +318,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["pod_memory"] = pod_memory
         payload["pod_memory_more"] = pod_memory_more
         payload["floor_memory"] = floor_memory
+        payload["warm_pod_memory"] = warm_pod_memory
+        payload["waiting_warm_memory"] = waiting_warm_memory
         # The daemon's own account of each pod's start (VM ready, agent answered).
         payload["daemon_vm_ready"] = [line for line in crivm.log_path.read_text().splitlines()
-                                      if "VM of pod" in line]
+                                      if "VM of pod" in line or "warm VM" in line]
     finally:
         if crivm is not None:
             if crivm.channel is not None:
@@ -278,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guest-usr", choices=("pmem", "initramfs"), default="pmem",
                         help="where the pod's guest gets /usr (the vm handler's guest_usr; "
                              "default pmem, the handler's default on q35)")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="skip the warm-VM handler (warm_vms = 1) and its pods")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     payload = run(args)

@@ -169,6 +169,10 @@ class RuntimeBackend(Protocol):
     def features(self) -> HandlerFeatures:
         ...
 
+    def details(self) -> dict[str, Any]:
+        """What Status reports about this handler in verbose mode, beyond its readiness."""
+        ...
+
     async def recover(self, services: BackendServices) -> None:
         """Called once when the daemon opens, before any other lifecycle call: keep
         ``services`` and reconcile the store's pods and containers of this handler with what
@@ -328,6 +332,9 @@ class _Missing:
 
     def features(self) -> HandlerFeatures:
         return HandlerFeatures()
+
+    def details(self) -> dict[str, Any]:
+        return {}
 
     async def recover(self, services: BackendServices) -> None:
         return None

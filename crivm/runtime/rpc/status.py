@@ -33,6 +33,7 @@ async def handle(daemon: Daemon, request: api_pb2.StatusRequest) -> api_pb2.Stat
             name: {
                 "runtime_type": backend.runtime_type,
                 **dataclasses.asdict(backend.readiness()),
+                **backend.details(),
             }
             for name, backend in daemon.handlers.backends.items()
         }

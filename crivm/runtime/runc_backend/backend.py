@@ -54,6 +54,9 @@ class RuncBackend:
     def features(self) -> HandlerFeatures:
         return HandlerFeatures()
 
+    def details(self) -> dict[str, Any]:
+        return {}
+
     # -- wiring -------------------------------------------------------------------------
 
     @property

@@ -38,7 +38,14 @@ from crivm.runtime.runc_backend.oci import OciRuntime
 from crivm.runtime.stats.sample import ResourceSample
 from crivm.runtime.store import ContainerRecord, PodRecord
 from crivm.runtime.streaming.backend import Stdio
-from crivm.runtime.vm_backend import container, port_forward, sandbox, shim_launcher, stats
+from crivm.runtime.vm_backend import (
+    container,
+    port_forward,
+    sandbox,
+    shim_launcher,
+    stats,
+    warm_pool,
+)
 from crivm.runtime.vm_backend.sandbox import VmEnvironment
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class VmBackend:
         self._services: BackendServices | None = None
         self._vm: VmEnvironment | None = None
         self._oci: RuncEnvironment | None = None
+        self._pool: warm_pool.WarmPool | None = None
 
     def readiness(self) -> Readiness:
         binaries = binaries_readiness((
@@ -70,6 +78,11 @@ class VmBackend:
 
     def features(self) -> HandlerFeatures:
         return HandlerFeatures()
+
+    def details(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {}
+        return {"warm_vms": self._pool.info()}
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -106,8 +119,15 @@ class VmBackend:
         )
         await self._oci.open()
         await self._reconcile(services)
+        if await warm_pool.remove_leftovers(self._vm):
+            log.info("runtime handler %s: removed the warm VMs of an earlier daemon", self.name)
+        if self.handler.warm_vms:
+            self._pool = warm_pool.WarmPool(self._vm, self.handler.warm_vms)
+            self._pool.start()
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         if self._oci is not None:
             await self._oci.close()
 
@@ -134,6 +154,11 @@ class VmBackend:
     # -- pods -----------------------------------------------------------------------------
 
     async def start_sandbox(self, request: SandboxRequest) -> dict[str, Any]:
+        # A pod on the host network has no netns for a warm VM's tap to move into.
+        if self._pool is not None and request.netns_path:
+            warm = self._pool.take(sandbox.vm_size(self.handler, request.config))
+            if warm is not None:
+                return await warm_pool.claim(self.vm, warm, request)
         return await sandbox.start(self.vm, request)
 
     async def stop_sandbox(self, pod: PodRecord) -> None:
@@ -208,8 +233,8 @@ class VmBackend:
     # -- stats ----------------------------------------------------------------------------
 
     async def container_stats(self, pod: PodRecord, ctr: ContainerRecord) -> ResourceSample | None:
-        return await stats.container_sample(self.vm.pod_paths(pod.id), ctr.id)
+        return await stats.container_sample(self.vm.paths_of(pod), ctr.id)
 
     async def sandbox_stats(self, pod: PodRecord) -> ResourceSample | None:
-        return await stats.vm_host_sample(self.vm.pod_paths(pod.id))
+        return await stats.vm_host_sample(self.vm.paths_of(pod))
 

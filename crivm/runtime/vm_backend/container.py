@@ -112,7 +112,7 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
     ctr = request.container
     config = request.config
     extra = {"pod_id": request.pod.id, "container_id": ctr.id}
-    paths = vm.pod_paths(request.pod.id)
+    paths = vm.paths_of(request.pod)
     host_dir = os.path.join(paths.shared_dir, ctr.id)
     layout = request_layout(env, request)
     container_spec = guest_spec(request, env, paths.mux_socket)
@@ -141,4 +141,4 @@ async def create(vm: VmEnvironment, env: RuncEnvironment,
 
 async def remove_shared(vm: VmEnvironment, pod: PodRecord, ctr: ContainerRecord) -> None:
     """Unbind the container's rootfs and volumes from the pod's shared directory."""
-    await shared_dir.unbind_tree(os.path.join(vm.pod_paths(pod.id).shared_dir, ctr.id))
+    await shared_dir.unbind_tree(os.path.join(vm.paths_of(pod).shared_dir, ctr.id))

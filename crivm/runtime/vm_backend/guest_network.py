@@ -14,9 +14,10 @@ from crivm.runtime.vm_backend.agent_client import AgentClient
 GUEST_NIC = "eth0"
 
 
-def interface(net: GuestNetwork) -> agent_pb2.Interface:
+def interface(net: GuestNetwork, booted_mac: str = "") -> agent_pb2.Interface:
     return agent_pb2.Interface(
-        mac=net.mac,
+        mac=booted_mac or net.mac,
+        set_mac=net.mac if booted_mac else "",
         name=GUEST_NIC,
         mtu=net.mtu,
         addresses=[
@@ -36,10 +37,12 @@ def routes(net: GuestNetwork) -> list[agent_pb2.Route]:
 
 
 async def configure(agent: AgentClient, net: GuestNetwork | None,
-                    dns: api_pb2.DNSConfig | None) -> None:
-    """Give the guest its NIC, routes and resolver; ``net`` None means no NIC (host network)."""
+                    dns: api_pb2.DNSConfig | None, booted_mac: str = "") -> None:
+    """Give the guest its NIC, routes and resolver; ``net`` None means no NIC (host network).
+    A VM booted before its pod (a warm one) has a NIC with a MAC of its own, ``booted_mac``:
+    the agent finds the NIC by it and gives it the veth's."""
     if net is not None:
-        await agent.update_interfaces([interface(net)])
+        await agent.update_interfaces([interface(net, booted_mac)])
         wanted = routes(net)
         # Default routes need their gateway reachable first: link routes before the rest.
         wanted.sort(key=lambda route: bool(route.gateway))

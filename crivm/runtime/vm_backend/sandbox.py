@@ -27,6 +27,7 @@ from crivm.errors import CrivmError, DeadlineExceeded, FailedPrecondition, Unava
 from crivm.hypervisor.qemu import page_out
 from crivm.netbridge import tap
 from crivm.netbridge.netns import netns_argv_prefix
+from crivm.netbridge.tap import GuestNetwork
 from crivm.proto import api_pb2
 from crivm.runtime.backend import SandboxRequest
 from crivm.runtime.config import RuntimeHandler
@@ -41,6 +42,7 @@ from crivm.shim.vm_spec import GUEST_SHARED_DIR, SHARED_TAG, PodPaths, VmSpec
 log = logging.getLogger(__name__)
 
 SUPERVISOR_MODULE = "crivm.shim.supervisor_entry"
+NICE = "/usr/bin/nice"
 # QMP quit, then the supervisor's own SIGKILL fallback, must fit in this.
 STOP_TIMEOUT_S = 20.0
 MIB = 1024 * 1024
@@ -70,6 +72,13 @@ class VmEnvironment:
         # (and a clash fails the create rather than sharing a directory).
         return PodPaths(os.path.join(self.runroot, "vm", pod_id[:POD_DIR_ID_CHARS]))
 
+    def paths_of(self, pod: PodRecord) -> PodPaths:
+        """A running pod's files: where its record says (a warm VM keeps the directory it
+        was booted in), else under its id."""
+        vm = pod.extra.get("vm")
+        pod_dir = vm.get("pod_dir") if isinstance(vm, dict) else None
+        return PodPaths(str(pod_dir)) if pod_dir else self.pod_paths(pod.id)
+
 
 def vm_size(handler: RuntimeHandler, config: api_pb2.PodSandboxConfig) -> tuple[int, int]:
     """(vCPUs, memory MiB): the pod's limits (or the handler's defaults) plus the overhead."""
@@ -88,7 +97,7 @@ def guest_pod_file(name: str) -> str:
     return f"{GUEST_SHARED_DIR}/{POD_FILES_DIR}/{name}"
 
 
-def _write_pod_files(paths: PodPaths, config: api_pb2.PodSandboxConfig,
+def write_pod_files(paths: PodPaths, config: api_pb2.PodSandboxConfig,
                      ips: tuple[str, ...]) -> None:
     directory = os.path.join(paths.shared_dir, POD_FILES_DIR)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -118,8 +127,11 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float) -> dict[str, Any]:
+async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float,
+                             nice: int = 0) -> dict[str, Any]:
     argv = [sys.executable, "-S", "-m", SUPERVISOR_MODULE, spec.paths.spec]
+    if nice:
+        argv = [NICE, "-n", str(nice)] + argv
     if netns_path:
         argv = netns_argv_prefix(netns_path) + argv
     try:
@@ -181,7 +193,7 @@ def supervisor_pid(paths: PodPaths) -> int:
     return pid if paths.spec.encode() in cmdline else 0
 
 
-async def _page_out_boot_files(qemu_pid: int, env: VmEnvironment,
+async def page_out_boot_files(qemu_pid: int, env: VmEnvironment,
                                extra: dict[str, str]) -> None:
     """The guest unpacked its initramfs long ago, and read most of /usr only while it booted;
     QEMU's mappings of those files would otherwise stay resident for the pod's life (see
@@ -227,69 +239,114 @@ def _check_guest_files(env: VmEnvironment) -> None:
                 "run `crivm guest-image build`")
 
 
-async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
-    _check_guest_files(env)
-    pod_id = request.pod.id
-    config = request.config
-    extra = {"pod_id": pod_id}
-    paths = env.pod_paths(pod_id)
+@dataclass(frozen=True)
+class BootedVm:
+    """A VM whose agent answered and mounted the shared directory."""
+
+    paths: PodPaths
+    vcpus: int
+    memory_mb: int
+    # The supervisor's report: its pid, QEMU's and virtiofsd's.
+    report: dict[str, Any]
+    boot_seconds: float
+
+
+def make_vm_dir(undo: UndoSteps, paths: PodPaths) -> None:
+    """The VM's directory and its shared directory (virtiofsd serves it)."""
+    undo.add("remove the pod directory", shutil.rmtree, paths.pod_dir, True)
+    os.makedirs(paths.pod_dir, mode=0o700)
+    undo.add("unmount the shared directory", shared_dir.remove_shared_dir, paths.shared_dir)
+    shared_dir.make_shared_dir(paths.shared_dir)
+
+
+async def boot_vm(env: VmEnvironment, undo: UndoSteps, paths: PodPaths, name: str,
+                  size: tuple[int, int], netns_path: str, tap_name: str, mac: str,
+                  nice: int = 0) -> BootedVm:
+    """Start the supervisor (virtiofsd, QEMU) in ``netns_path``, wait for the agent, and have
+    it mount the shared directory. The directory (``make_vm_dir``) and the tap must exist."""
     handler = env.handler
-    vcpus, memory_mb = vm_size(handler, config)
+    vcpus, memory_mb = size
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with UndoSteps(extra) as undo:
-        undo.add("remove the pod directory", shutil.rmtree, paths.pod_dir, True)
-        os.makedirs(paths.pod_dir, mode=0o700)
-        undo.add("unmount the shared directory", shared_dir.remove_shared_dir, paths.shared_dir)
-        await asyncio.to_thread(shared_dir.make_shared_dir, paths.shared_dir)
-        await asyncio.to_thread(_write_pod_files, paths, config, await request.ips())
-        net = None
-        if request.netns_path:
-            undo.add("remove the tap", tap.detach_tap, request.netns_path)
-            net = await tap.attach_tap(request.netns_path)
-        spec = VmSpec(
-            name=pod_id, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
-            virtiofsd_path=handler.virtiofsd_path,
-            kernel=env.kernel, initrd=env.initrd, usr_image=env.usr_image,
-            machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
-            free_page_reporting=handler.free_page_reporting, vcpus=vcpus, memory_mb=memory_mb,
-            tap_name=net.tap_name if net else "", mac=net.mac if net else "",
-        )
-        Path(paths.spec).write_text(spec.to_json())
-        undo.add("stop the VM", stop_supervisor, paths)
-        report = await _launch_supervisor(spec, request.netns_path, handler.boot_timeout_s)
-        booted = loop.time()
-        async with AgentClient(paths.mux_socket) as agent:
-            await _wait_agent(agent, paths, max(1.0, handler.boot_timeout_s - (booted - started)))
-            ready = loop.time()
-            await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
-            dns = config.dns_config if config.HasField("dns_config") else None
-            await guest_network.configure(agent, net, dns)
-            if config.linux.sysctls:
-                await agent.set_sysctls(config.linux.sysctls)
-        undo.commit()
-    await _page_out_boot_files(int(report.get("qemu_pid", 0)), env, extra)
-    log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",
-             pod_id, loop.time() - started, ready - started, vcpus, memory_mb, env.accel,
-             extra=extra)
+    spec = VmSpec(
+        name=name, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
+        virtiofsd_path=handler.virtiofsd_path,
+        kernel=env.kernel, initrd=env.initrd, usr_image=env.usr_image,
+        machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
+        free_page_reporting=handler.free_page_reporting, vcpus=vcpus, memory_mb=memory_mb,
+        tap_name=tap_name, mac=mac,
+    )
+    Path(paths.spec).write_text(spec.to_json())
+    undo.add("stop the VM", stop_supervisor, paths)
+    report = await _launch_supervisor(spec, netns_path, handler.boot_timeout_s, nice)
+    booted = loop.time()
+    async with AgentClient(paths.mux_socket) as agent:
+        await _wait_agent(agent, paths, max(1.0, handler.boot_timeout_s - (booted - started)))
+        await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
+    return BootedVm(paths, vcpus, memory_mb, report, loop.time() - started)
+
+
+async def configure_guest(paths: PodPaths, config: api_pb2.PodSandboxConfig,
+                          net: GuestNetwork | None, booted_mac: str = "") -> None:
+    """The pod's network, DNS and sysctls in the guest (``booted_mac``: see
+    ``guest_network.configure``)."""
+    async with AgentClient(paths.mux_socket) as agent:
+        dns = config.dns_config if config.HasField("dns_config") else None
+        await guest_network.configure(agent, net, dns, booted_mac)
+        if config.linux.sysctls:
+            await agent.set_sysctls(config.linux.sysctls)
+
+
+def pod_extra(env: VmEnvironment, vm: BootedVm, request: SandboxRequest,
+              net: GuestNetwork | None, warm: bool) -> dict[str, Any]:
     return {
         "vm": {
-            "pod_dir": paths.pod_dir,
-            "supervisor_pid": report.get("supervisor_pid", 0),
-            "qemu_pid": report.get("qemu_pid", 0),
-            "virtiofsd_pid": report.get("virtiofsd_pid", 0),
-            "vcpus": vcpus,
-            "memory_mb": memory_mb,
+            "pod_dir": vm.paths.pod_dir,
+            "supervisor_pid": vm.report.get("supervisor_pid", 0),
+            "qemu_pid": vm.report.get("qemu_pid", 0),
+            "virtiofsd_pid": vm.report.get("virtiofsd_pid", 0),
+            "vcpus": vm.vcpus,
+            "memory_mb": vm.memory_mb,
             "accel": env.accel,
             "tap": net.tap_name if net else "",
-            "boot_seconds": round(ready - started, 2),
+            "boot_seconds": round(vm.boot_seconds, 2),
+            "warm": warm,
         },
         "netns_path": request.netns_path,
     }
 
 
+async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
+    """Boot the pod's VM: its directory, pod files and tap first (QEMU opens the tap by name
+    in the pod netns), then the VM, then the guest's network."""
+    _check_guest_files(env)
+    pod_id = request.pod.id
+    config = request.config
+    extra = {"pod_id": pod_id}
+    paths = env.pod_paths(pod_id)
+    size = vm_size(env.handler, config)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with UndoSteps(extra) as undo:
+        await asyncio.to_thread(make_vm_dir, undo, paths)
+        await asyncio.to_thread(write_pod_files, paths, config, await request.ips())
+        net = None
+        if request.netns_path:
+            undo.add("remove the tap", tap.detach_tap, request.netns_path)
+            net = await tap.attach_tap(request.netns_path)
+        vm = await boot_vm(env, undo, paths, pod_id, size, request.netns_path,
+                           net.tap_name if net else "", net.mac if net else "")
+        await configure_guest(paths, config, net)
+        undo.commit()
+    await page_out_boot_files(int(vm.report.get("qemu_pid", 0)), env, extra)
+    log.info("VM of pod %s ready in %.1f s (agent after %.1f s; %d vCPU, %d MiB, %s)",
+             pod_id, loop.time() - started, vm.boot_seconds, vm.vcpus, vm.memory_mb,
+             env.accel, extra=extra)
+    return pod_extra(env, vm, request, net, warm=False)
+
+
 async def stop(env: VmEnvironment, pod: PodRecord) -> None:
-    await stop_supervisor(env.pod_paths(pod.id))
+    await stop_supervisor(env.paths_of(pod))
     netns_path = str(pod.extra.get("netns_path", ""))
     if netns_path:
         await tap.detach_tap(netns_path)
@@ -297,11 +354,11 @@ async def stop(env: VmEnvironment, pod: PodRecord) -> None:
 
 async def remove(env: VmEnvironment, pod: PodRecord) -> None:
     await stop(env, pod)
-    paths = env.pod_paths(pod.id)
+    paths = env.paths_of(pod)
     await asyncio.to_thread(shared_dir.remove_shared_dir, paths.shared_dir)
     await asyncio.to_thread(shutil.rmtree, paths.pod_dir, True)
 
 
 async def alive(env: VmEnvironment, pod: PodRecord) -> bool:
-    paths = env.pod_paths(pod.id)
+    paths = env.paths_of(pod)
     return bool(supervisor_pid(paths)) and os.path.exists(paths.mux_socket)

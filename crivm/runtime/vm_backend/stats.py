@@ -53,7 +53,8 @@ async def container_sample(paths: PodPaths, container_id: str) -> ResourceSample
     return sample_from_agent(reply)
 
 
-def _descendants(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (through every thread's children)."""
     found = [pid]
     for current in found:
         try:
@@ -87,7 +88,7 @@ def _host_sample(paths: PodPaths) -> ResourceSample | None:
     if not pid:
         return None
     cpu = rss = 0
-    pids = _descendants(pid)
+    pids = process_tree(pid)
     for each in pids:
         used_cpu, used_rss = _process_usage(each)
         cpu += used_cpu
