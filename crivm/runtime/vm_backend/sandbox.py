@@ -141,11 +141,19 @@ async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float,
         )
     except OSError as exc:
         raise Unavailable(f"cannot start the VM supervisor: {exc.strerror}") from exc
+    reported = asyncio.ensure_future(proc.communicate())
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout_s)
+        stdout, stderr = await asyncio.wait_for(asyncio.shield(reported), timeout_s)
+    except asyncio.CancelledError:
+        # Given up on (a RunPodSandbox cancelled, a daemon stopping a warm VM's boot): the
+        # supervisor may be starting QEMU right now. Let it report first, so that the undo
+        # step that stops it finds its pid file instead of leaving it to run.
+        await asyncio.wait({reported}, timeout=timeout_s)
+        raise
     except TimeoutError as exc:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+        await asyncio.wait({reported}, timeout=5.0)
         await proc.wait()
         raise DeadlineExceeded(f"the VM supervisor of {spec.name} did not report within "
                                f"{timeout_s:.0f} s") from exc

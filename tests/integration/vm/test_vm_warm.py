@@ -126,3 +126,16 @@ def test_warm_vms_of_a_killed_daemon_are_removed(
     wait_warm(daemon)
     (new,) = warm_dirs(daemon)
     assert new != old
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.0, 3.0])
+def test_daemon_stopped_while_a_warm_vm_boots_leaves_nothing(
+    warm_vm_daemon: VmCrivmDaemon, after_s: float,  # noqa: F811
+) -> None:
+    """The pool's boot is cancelled at whatever step it is in (the supervisor not yet started,
+    QEMU starting, the agent not yet answering); its undo steps must still find everything."""
+    daemon = warm_vm_daemon
+    time.sleep(after_s)
+    assert warm_info(daemon)["ready"] == 0, "booted already: this test needs a slower boot"
+    daemon.stop()
+    assert daemon.find_leaks() == []
