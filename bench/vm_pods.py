@@ -172,7 +172,7 @@ def vm_pod_run(cri: TimedCri, runroot: Path, index: int,
     EXTRA_CONTAINERS more containers; then removed."""
     label = "VM" if handler == COLD else "VM (warm VM)"
     if handler == WARM:
-        cri.samples["warm VM: boot after the previous one was taken"].append(wait_warm(cri))
+        wait_warm(cri)
     config = cri.pod_config(f"{handler}-{index}")
     started = time.perf_counter()
     pod_id = cri.run_pod(config, f"{label} RunPodSandbox", handler=handler)

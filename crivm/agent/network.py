@@ -104,8 +104,7 @@ def _update_interfaces(interfaces: list[agent_pb2.Interface]) -> list[agent_pb2.
             name = wanted.name or link.name
             mac = wanted.set_mac.lower()
             if name != link.name or (mac and mac != link.mac):
-                # The kernel renames only links that are down, and virtio-net takes a new MAC
-                # only while down.
+                # The kernel renames only links that are down; a new MAC goes in the same step.
                 nl.set_link(link.index, up=False)
                 nl.set_link(link.index, name=name if name != link.name else "",
                             mac=mac if mac != link.mac else "")

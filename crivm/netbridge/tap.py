@@ -108,11 +108,7 @@ def _guest_routes(ipr: Any, index: int) -> tuple[GuestRoute, ...]:
 def _remove(ipr: Any, veth: str, tap: str) -> None:
     veth_index = _index(ipr, veth)
     if veth_index is not None:
-        try:
-            ipr.tc("del", "ingress", veth_index)
-        except NetlinkError as exc:
-            if exc.code not in (errno.EINVAL, errno.ENOENT):  # no ingress qdisc: done already
-                raise
+        _remove_ingress(ipr, veth_index)
     tap_index = _index(ipr, tap)
     if tap_index is not None:
         ipr.link("del", index=tap_index)  # takes its own qdisc and filter with it
@@ -124,8 +120,17 @@ def _create(ipr: Any, tap: str) -> int:
         ifr={"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": False},
     )
     index = _index(ipr, tap)
-    assert index is not None
+    if index is None:
+        raise NotFound(f"tap {tap} vanished as it was made")
     return index
+
+
+def _remove_ingress(ipr: Any, index: int) -> None:
+    try:
+        ipr.tc("del", "ingress", index)
+    except NetlinkError as exc:
+        if exc.code not in (errno.EINVAL, errno.ENOENT):  # no ingress qdisc: done already
+            raise
 
 
 def _join(ipr: Any, veth: str, tap: str, create: bool) -> GuestNetwork:
@@ -133,15 +138,18 @@ def _join(ipr: Any, veth: str, tap: str, create: bool) -> GuestNetwork:
     veth_index = _index(ipr, veth)
     if veth_index is None:
         raise NotFound(f"no interface {veth} in the pod netns to join the tap to")
+    # A retried attach starts clean: a new tap replaces an old one; a moved-in one stays.
     if create:
-        _remove(ipr, veth, tap)  # a retried attach starts clean
+        _remove(ipr, veth, tap)
+    else:
+        _remove_ingress(ipr, veth_index)
     (link,) = ipr.get_links(veth_index)
     mac = link.get_attr("IFLA_ADDRESS")
     mtu = int(link.get_attr("IFLA_MTU"))
-    tap_index = _create(ipr, tap) if create else _index(ipr, tap)
-    if tap_index is None:
-        raise NotFound(f"no tap {tap} in the pod netns to join to {veth}")
     try:
+        tap_index = _create(ipr, tap) if create else _index(ipr, tap)
+        if tap_index is None:
+            raise NotFound(f"no tap {tap} in the pod netns to join to {veth}")
         ipr.link("set", index=tap_index, mtu=mtu, state="up")
         _redirect(ipr, veth_index, tap_index)
         _redirect(ipr, tap_index, veth_index)

@@ -99,6 +99,9 @@ class VmSpec:
     mac: str = ""
     extra_kernel_args: tuple[str, ...] = field(default_factory=tuple)
     startup_timeout_s: float = 30.0
+    # CPU niceness of the supervisor, virtiofsd and QEMU, and of their session's autogroup; a
+    # warm VM boots at 10, behind the pods that run (crivm.runtime.vm_backend.warm_pool).
+    nice: int = 0
 
     @property
     def paths(self) -> PodPaths:

@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 from crivm.errors import DeadlineExceeded, Unavailable
-from crivm.hypervisor.qemu import cmdline, virtiofsd
+from crivm.hypervisor.qemu import cmdline, owner, virtiofsd
 from crivm.hypervisor.qemu.vm import QemuVm
 from crivm.runtime.vm_backend.agent_client import AgentClient
 from crivm.shim.agent_mux import AgentMux
@@ -97,6 +97,10 @@ class Supervisor:
         )
         self.vm = await QemuVm.launch(spec.qemu_path, vm_config(spec), paths.qemu_log,
                                       startup_timeout_s=spec.startup_timeout_s)
+        if spec.nice:
+            # Each runs in a session, and so an autogroup, of its own.
+            for pid in (self.fs.pid, self.vm.pid):
+                owner.set_priority(pid, spec.nice)
         reader, writer = await _connect_agent(paths.agent_socket, spec.startup_timeout_s)
         mux = AgentMux(reader, writer)
         await mux.listen(paths.mux_socket)
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor: its own session, away from the daemon's terminal and process group.
     os.close(read_fd)
     os.setsid()
+    if spec.nice:
+        owner.set_priority(os.getpid(), spec.nice)  # virtiofsd and QEMU inherit the threads'
     _redirect_stdio(paths.supervisor_log)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

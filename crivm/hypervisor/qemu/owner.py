@@ -39,3 +39,23 @@ def remove_socket(path: StrPath) -> None:
 def open_log(path: StrPath) -> int:
     """An append-only fd for a child's stdout/stderr; the caller closes it after the spawn."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+
+def set_priority(pid: int, nice: int, group_nice: int | None = None) -> None:
+    """Every thread of ``pid`` at ``nice``, and its session's autogroup at ``group_nice``
+    (default: ``nice``).
+
+    QEMU and virtiofsd start sessions of their own, and with autogroup on (the default on
+    Debian) the scheduler weighs sessions against each other by their autogroup's nice, not
+    their threads': a thread's nice only ranks it within its session. A process or thread
+    that is gone meanwhile is fine, and so is a kernel without autogroup.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as autogroup:
+        autogroup.write(str(nice if group_nice is None else group_nice))

@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from crivm.errors import Unavailable
+from crivm.errors import CrivmError, InvalidArgument, Unavailable
 from crivm.hypervisor.qemu.accel import choose_accel
 from crivm.proto import api_pb2
 from crivm.runtime.backend import (
@@ -119,7 +119,11 @@ class VmBackend:
         )
         await self._oci.open()
         await self._reconcile(services)
-        if await warm_pool.remove_leftovers(self._vm):
+        in_use = {str(p.extra["vm"].get("pod_dir", "")) for p in services.store.list_pods()
+                  if isinstance(p.extra.get("vm"), dict)}
+        vm_handlers = [name for name, h in self.config.runtimes.items()
+                       if h.runtime_type == "vm"]
+        if await warm_pool.remove_leftovers(self._vm, in_use, vm_handlers):
             log.info("runtime handler %s: removed the warm VMs of an earlier daemon", self.name)
         if self.handler.warm_vms:
             self._pool = warm_pool.WarmPool(self._vm, self.handler.warm_vms)
@@ -155,10 +159,28 @@ class VmBackend:
 
     async def start_sandbox(self, request: SandboxRequest) -> dict[str, Any]:
         # A pod on the host network has no netns for a warm VM's tap to move into.
-        if self._pool is not None and request.netns_path:
-            warm = self._pool.take(sandbox.vm_size(self.handler, request.config))
-            if warm is not None:
-                return await warm_pool.claim(self.vm, warm, request)
+        if self._pool is None or not request.netns_path:
+            return await sandbox.start(self.vm, request)
+        try:
+            return await self._start_on_warm_vm(self._pool, request)
+        finally:
+            # The next warm VM boots once this pod's start is over, not during it.
+            self._pool.refill()
+
+    async def _start_on_warm_vm(self, pool: warm_pool.WarmPool,
+                                request: SandboxRequest) -> dict[str, Any]:
+        # The pod's addresses first: a failed CNI ADD costs no warm VM.
+        await request.ips()
+        warm = pool.take(sandbox.vm_size(self.handler, request.config))
+        if warm is None:
+            return await sandbox.start(self.vm, request)
+        try:
+            return await warm_pool.claim(self.vm, warm, request)
+        except InvalidArgument:
+            raise  # the pod's own request (a sysctl the guest lacks): a boot would fail alike
+        except (CrivmError, OSError) as exc:
+            log.warning("pod %s: the warm VM failed (%s); booting one for it", request.pod.id,
+                        exc, extra={"pod_id": request.pod.id})
         return await sandbox.start(self.vm, request)
 
     async def stop_sandbox(self, pod: PodRecord) -> None:

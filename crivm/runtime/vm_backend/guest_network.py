@@ -7,6 +7,7 @@ DNS settings. The guest names its NIC ``eth0``, like the veth it replaces.
 
 from __future__ import annotations
 
+from crivm.errors import Unavailable
 from crivm.netbridge.tap import GuestNetwork
 from crivm.proto import agent_pb2, api_pb2
 from crivm.runtime.vm_backend.agent_client import AgentClient
@@ -42,7 +43,11 @@ async def configure(agent: AgentClient, net: GuestNetwork | None,
     A VM booted before its pod (a warm one) has a NIC with a MAC of its own, ``booted_mac``:
     the agent finds the NIC by it and gives it the veth's."""
     if net is not None:
-        await agent.update_interfaces([interface(net, booted_mac)])
+        configured = await agent.update_interfaces([interface(net, booted_mac)])
+        if booted_mac and [i.mac.lower() for i in configured] != [net.mac.lower()]:
+            # An agent older than set_mac ignores it and answers OK with the old MAC.
+            raise Unavailable(f"the guest NIC kept MAC {booted_mac} instead of the pod's "
+                              f"{net.mac}; rebuild the guest image (crivm guest-image build)")
         wanted = routes(net)
         # Default routes need their gateway reachable first: link routes before the rest.
         wanted.sort(key=lambda route: bool(route.gateway))

@@ -42,7 +42,6 @@ from crivm.shim.vm_spec import GUEST_SHARED_DIR, SHARED_TAG, PodPaths, VmSpec
 log = logging.getLogger(__name__)
 
 SUPERVISOR_MODULE = "crivm.shim.supervisor_entry"
-NICE = "/usr/bin/nice"
 # QMP quit, then the supervisor's own SIGKILL fallback, must fit in this.
 STOP_TIMEOUT_S = 20.0
 MIB = 1024 * 1024
@@ -127,11 +126,8 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float,
-                             nice: int = 0) -> dict[str, Any]:
+async def _launch_supervisor(spec: VmSpec, netns_path: str, timeout_s: float) -> dict[str, Any]:
     argv = [sys.executable, "-S", "-m", SUPERVISOR_MODULE, spec.paths.spec]
-    if nice:
-        argv = [NICE, "-n", str(nice)] + argv
     if netns_path:
         argv = netns_argv_prefix(netns_path) + argv
     try:
@@ -259,39 +255,42 @@ class BootedVm:
     boot_seconds: float
 
 
-def make_vm_dir(undo: UndoSteps, paths: PodPaths) -> None:
+async def make_vm_dir(undo: UndoSteps, paths: PodPaths) -> None:
     """The VM's directory and its shared directory (virtiofsd serves it)."""
-    undo.add("remove the pod directory", shutil.rmtree, paths.pod_dir, True)
+    # Made before its undo step: a name that clashes fails here, and never removes the other's.
     os.makedirs(paths.pod_dir, mode=0o700)
+    undo.add("remove the pod directory", shutil.rmtree, paths.pod_dir, True)
     undo.add("unmount the shared directory", shared_dir.remove_shared_dir, paths.shared_dir)
-    shared_dir.make_shared_dir(paths.shared_dir)
+    await asyncio.to_thread(shared_dir.make_shared_dir, paths.shared_dir)
 
 
 async def boot_vm(env: VmEnvironment, undo: UndoSteps, paths: PodPaths, name: str,
                   size: tuple[int, int], netns_path: str, tap_name: str, mac: str,
-                  nice: int = 0) -> BootedVm:
+                  started: float, nice: int = 0) -> BootedVm:
     """Start the supervisor (virtiofsd, QEMU) in ``netns_path``, wait for the agent, and have
-    it mount the shared directory. The directory (``make_vm_dir``) and the tap must exist."""
+    it mount the shared directory. The directory (``make_vm_dir``) and the tap must exist.
+    ``started`` (loop time) is when the start began: the boot timeout counts from it, and so
+    does ``boot_seconds`` (until the agent answered)."""
     handler = env.handler
     vcpus, memory_mb = size
     loop = asyncio.get_running_loop()
-    started = loop.time()
     spec = VmSpec(
         name=name, pod_dir=paths.pod_dir, qemu_path=handler.qemu_path,
         virtiofsd_path=handler.virtiofsd_path,
         kernel=env.kernel, initrd=env.initrd, usr_image=env.usr_image,
         machine=handler.machine, accel=env.accel, tcg_tb_size_mb=handler.tcg_tb_size_mb,
         free_page_reporting=handler.free_page_reporting, vcpus=vcpus, memory_mb=memory_mb,
-        tap_name=tap_name, mac=mac,
+        tap_name=tap_name, mac=mac, nice=nice,
     )
     Path(paths.spec).write_text(spec.to_json())
     undo.add("stop the VM", stop_supervisor, paths)
-    report = await _launch_supervisor(spec, netns_path, handler.boot_timeout_s, nice)
+    report = await _launch_supervisor(spec, netns_path, handler.boot_timeout_s)
     booted = loop.time()
     async with AgentClient(paths.mux_socket) as agent:
         await _wait_agent(agent, paths, max(1.0, handler.boot_timeout_s - (booted - started)))
+        ready = loop.time()
         await agent.mount(SHARED_TAG, GUEST_SHARED_DIR)
-    return BootedVm(paths, vcpus, memory_mb, report, loop.time() - started)
+    return BootedVm(paths, vcpus, memory_mb, report, ready - started)
 
 
 async def configure_guest(paths: PodPaths, config: api_pb2.PodSandboxConfig,
@@ -336,14 +335,14 @@ async def start(env: VmEnvironment, request: SandboxRequest) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with UndoSteps(extra) as undo:
-        await asyncio.to_thread(make_vm_dir, undo, paths)
+        await make_vm_dir(undo, paths)
         await asyncio.to_thread(write_pod_files, paths, config, await request.ips())
         net = None
         if request.netns_path:
             undo.add("remove the tap", tap.detach_tap, request.netns_path)
             net = await tap.attach_tap(request.netns_path)
         vm = await boot_vm(env, undo, paths, pod_id, size, request.netns_path,
-                           net.tap_name if net else "", net.mac if net else "")
+                           net.tap_name if net else "", net.mac if net else "", started)
         await configure_guest(paths, config, net)
         undo.commit()
     await page_out_boot_files(int(vm.report.get("qemu_pid", 0)), env, extra)

@@ -5,23 +5,25 @@ Under TCG the guest boot is most of a VM pod's start (docs/performance.md). A ha
 tap, its shared directory mounted by the agent, the boot files paged out of QEMU, and its
 processes at a low CPU priority so that a boot does not slow the pods already running.
 
-RunPodSandbox takes one whose size (vCPUs, memory) is the pod's; other pods, and pods on the
-host network, boot their own. Taking a warm VM:
+RunPodSandbox takes one whose size (vCPUs, memory) is the pod's, once CNI ADD has given the
+pod its addresses; other pods, and pods on the host network, boot their own. Taking a warm VM:
 
-- moves its tap into the pod netns and joins it to the CNI veth (``tap.adopt_tap``);
 - writes the pod files into its shared directory;
+- moves its tap into the pod netns and joins it to the CNI veth (``tap.adopt_tap``);
 - gives the guest NIC the veth's MAC, addresses and routes, and the pod's DNS and sysctls;
 - unpins its own netns (QEMU, virtiofsd and the supervisor stay in it: it holds nothing but
-  loopback now), and raises its processes to normal priority.
+  loopback now), and gives its processes the daemon's priority.
 
 From then on the VM is the pod's, for its life, as a booted one would be: a warm VM serves
 one pod and is never reused, so no two pods share guest memory, RNG state or a kernel. The
-pod's record names the VM's directory (``<runroot>/vm/warm-…``). The pool boots a
-replacement at once, one VM at a time, and backs off when boots fail.
+pod's record names the VM's directory (``<runroot>/vm/warm-…``). When the pod's start is
+over, the pool boots a replacement, one VM at a time, and backs off when boots fail. A warm
+VM booted from guest image files that have changed since is discarded, not handed out.
 
 A warm VM costs what an idle VM pod costs (docs/performance.md) while it waits. The pool's
-VMs are not recorded: the daemon stops them when it stops, and removes any it finds from an
-earlier daemon when it starts.
+VMs are not recorded: the daemon stops them when it stops, and when it starts it discards the
+warm VM directories that no pod record names (an earlier daemon's, killed before it could
+stop them).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crivm.hypervisor.qemu import owner
 from crivm.netbridge import netns, tap
 from crivm.proto import api_pb2
 from crivm.runtime.backend import SandboxRequest
@@ -57,6 +61,8 @@ WARM_NICE = 10
 # After a failed boot the pool waits this long, doubling per failure up to the maximum.
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
+# How often the pool looks for waiting VMs that stopped (a guest that powered off or crashed).
+CHECK_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class WarmVm:
     netns_path: str
     # The MAC the guest NIC booted with; the pod's veth MAC replaces it.
     mac: str
+    # The guest image files as they were when it booted (see image_stamp).
+    image: tuple[tuple[int, int, int, int], ...]
 
     @property
     def paths(self) -> PodPaths:
@@ -79,17 +87,31 @@ def _random_mac() -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def _renice(pids: list[int], nice: int) -> None:
-    """Every thread of these processes and their descendants (QEMU's vCPU threads among
-    them); a process that is gone meanwhile is fine."""
-    for pid in {p for root in pids if root > 0 for p in process_tree(root)}:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
+def image_stamp(env: VmEnvironment) -> tuple[tuple[int, int, int, int], ...]:
+    """Device, inode, mtime and size of the guest kernel, initramfs and /usr image: a
+    `crivm guest-image build` that replaced one changes it."""
+    stamp = []
+    for path in (env.kernel, env.initrd, env.usr_image):
+        if not path:
             continue
-        for tid in tids:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamp.append((0, 0, 0, 0))
+            continue
+        stamp.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def _give_daemon_priority(supervisor_pid: int) -> None:
+    """A taken VM runs as a booted one would: the supervisor, virtiofsd and QEMU (every thread,
+    vCPUs among them) at the daemon's own nice, and each one's autogroup at 0, where a new
+    session's starts."""
+    if supervisor_pid <= 0:
+        return
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    for pid in process_tree(supervisor_pid):
+        owner.set_priority(pid, nice, group_nice=0)
 
 
 async def discard(paths: PodPaths) -> None:
@@ -109,16 +131,18 @@ async def boot_warm(env: VmEnvironment) -> WarmVm:
     paths = PodPaths(os.path.join(env.runroot, "vm", name))
     mac = _random_mac()
     extra = {"vm": name}
+    image = image_stamp(env)
+    started = asyncio.get_running_loop().time()
     async with UndoSteps(extra) as undo:
-        await asyncio.to_thread(sandbox.make_vm_dir, undo, paths)
+        await sandbox.make_vm_dir(undo, paths)
         ns = await netns.create_netns(NETNS_PIN, paths.pod_dir)
         undo.add("remove the warm VM's netns", netns.remove_netns, ns.path)
         await tap.make_spare_tap(ns.path)
         vm = await sandbox.boot_vm(env, undo, paths, name, default_size(env), ns.path,
-                                   tap.TAP_NAME, mac, nice=WARM_NICE)
+                                   tap.TAP_NAME, mac, started, nice=WARM_NICE)
         await sandbox.page_out_boot_files(int(vm.report.get("qemu_pid", 0)), env, extra)
         undo.commit()
-    return WarmVm(vm, ns.path, mac)
+    return WarmVm(vm, ns.path, mac, image)
 
 
 def warm_prefix(handler_name: str) -> str:
@@ -148,8 +172,8 @@ async def claim(env: VmEnvironment, warm: WarmVm, request: SandboxRequest) -> di
         net = await tap.adopt_tap(warm.netns_path, request.netns_path)
         await sandbox.configure_guest(paths, config, net, booted_mac=warm.mac)
         await netns.remove_netns(warm.netns_path)
-        report = warm.vm.report
-        await asyncio.to_thread(_renice, [int(report.get("supervisor_pid", 0))], 0)
+        await asyncio.to_thread(_give_daemon_priority,
+                                int(warm.vm.report.get("supervisor_pid", 0)))
         undo.commit()
     log.info("VM of pod %s ready in %.2f s from warm VM %s (booted in %.1f s ahead)",
              pod_id, loop.time() - started, os.path.basename(paths.pod_dir),
@@ -157,15 +181,28 @@ async def claim(env: VmEnvironment, warm: WarmVm, request: SandboxRequest) -> di
     return sandbox.pod_extra(env, warm.vm, request, net, warm=True)
 
 
-async def remove_leftovers(env: VmEnvironment) -> int:
-    """Discard this handler's warm VMs that an earlier daemon left (it died before it could
-    stop them)."""
+async def remove_leftovers(env: VmEnvironment, in_use: set[str],
+                           vm_handlers: Iterable[str]) -> int:
+    """Discard the warm VMs an earlier daemon left (killed before it could stop them): the
+    ``warm-*`` directories no pod record names (``in_use``: the pods' ``vm.pod_dir``), of this
+    handler or of no configured vm handler (the others' pools may be booting already). One
+    that cannot be removed is logged and left; it must not stop the daemon."""
     parent = Path(env.runroot, "vm")
-    found = sorted(parent.glob(warm_prefix(env.handler_name) + "*")) if parent.is_dir() else []
-    for pod_dir in found:
+    if not parent.is_dir():
+        return 0
+    others = {warm_prefix(name) for name in vm_handlers} - {warm_prefix(env.handler_name)}
+    removed = 0
+    for pod_dir in sorted(parent.glob(WARM_PREFIX + "*")):
+        if str(pod_dir) in in_use or any(pod_dir.name.startswith(p) for p in others):
+            continue
         log.info("discarding warm VM %s left by an earlier daemon", pod_dir.name)
-        await discard(PodPaths(str(pod_dir)))
-    return len(found)
+        try:
+            await discard(PodPaths(str(pod_dir)))
+        except Exception:  # noqa: BLE001 - the next start tries again
+            log.exception("could not discard warm VM %s", pod_dir.name)
+            continue
+        removed += 1
+    return removed
 
 
 class WarmPool:
@@ -177,8 +214,10 @@ class WarmPool:
         self._ready: list[WarmVm] = []
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._discards: set[asyncio.Task[None]] = set()
         self.failures = 0
         self.last_error = ""
+        self.retry_in_s = 0.0
 
     def start(self) -> None:
         if self.size > 0 and self._task is None:
@@ -187,30 +226,60 @@ class WarmPool:
 
     def info(self) -> dict[str, Any]:
         return {"size": self.size, "ready": len(self._ready), "failures": self.failures,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "retry_in_s": self.retry_in_s}
 
     def take(self, size: tuple[int, int]) -> WarmVm | None:
-        """A warm VM of this size whose supervisor still runs, or None; the pool refills."""
+        """A warm VM of this size, still running and booted from the current guest image, or
+        None. The pool boots the next one on ``refill()``, once the pod's start is over."""
         if size != default_size(self.env):
             return None
+        image = image_stamp(self.env)
         while self._ready:
             warm = self._ready.pop(0)
-            self._wanted.set()
-            if sandbox.supervisor_pid(warm.paths) and os.path.exists(warm.paths.mux_socket):
+            if warm.image != image:
+                log.info("warm VM %s was booted from an older guest image; discarding it",
+                         os.path.basename(warm.paths.pod_dir))
+            elif not self._alive(warm):
+                log.warning("warm VM %s stopped while it waited; discarding it",
+                            os.path.basename(warm.paths.pod_dir))
+            else:
                 return warm
-            log.warning("warm VM %s stopped while it waited; discarding it",
-                        os.path.basename(warm.paths.pod_dir))
             self._discard_later(warm.paths)
         return None
 
+    def refill(self) -> None:
+        self._wanted.set()
+
+    @staticmethod
+    def _alive(warm: WarmVm) -> bool:
+        return bool(sandbox.supervisor_pid(warm.paths)) and os.path.exists(
+            warm.paths.mux_socket)
+
     def _discard_later(self, paths: PodPaths) -> None:
-        task = asyncio.create_task(discard(paths))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task = asyncio.create_task(self._discard(paths))
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
+
+    async def _discard(self, paths: PodPaths) -> None:
+        try:
+            await discard(paths)
+        except Exception:  # noqa: BLE001 - logged; the next daemon start tries again
+            log.exception("could not discard warm VM %s", os.path.basename(paths.pod_dir))
+
+    def _prune(self) -> None:
+        """Drop waiting VMs that stopped, so that the pool replaces them."""
+        for warm in [w for w in self._ready if not self._alive(w)]:
+            log.warning("warm VM %s stopped while it waited; replacing it",
+                        os.path.basename(warm.paths.pod_dir))
+            self._ready.remove(warm)
+            self._discard_later(warm.paths)
 
     async def _keep_filled(self) -> None:
         while True:
-            await self._wanted.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), CHECK_INTERVAL_S)
             self._wanted.clear()
+            self._prune()
             while len(self._ready) < self.size:
                 try:
                     warm = await boot_warm(self.env)
@@ -219,23 +288,25 @@ class WarmPool:
                 except Exception as exc:  # noqa: BLE001 - a failed boot must not end the pool
                     self.failures += 1
                     self.last_error = str(exc)
-                    delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
+                    self.retry_in_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self.failures - 1))
                     log.warning("runtime handler %s: a warm VM did not boot (%s); next try "
-                                "in %.0f s", self.env.handler_name, exc, delay)
-                    await asyncio.sleep(delay)
+                                "in %.0f s", self.env.handler_name, exc, self.retry_in_s)
+                    await asyncio.sleep(self.retry_in_s)
                     continue
-                self.failures, self.last_error = 0, ""
+                self.failures, self.last_error, self.retry_in_s = 0, "", 0.0
                 self._ready.append(warm)
                 log.info("runtime handler %s: warm VM %s ready (booted in %.1f s)",
                          self.env.handler_name, os.path.basename(warm.paths.pod_dir),
                          warm.vm.boot_seconds)
 
     async def close(self) -> None:
-        """Stop booting, and stop every warm VM no pod took."""
+        """Stop booting (a boot under way is undone), and stop every warm VM no pod took."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         ready, self._ready = self._ready, []
-        await asyncio.gather(*(discard(warm.paths) for warm in ready))
+        for warm in ready:
+            self._discard_later(warm.paths)
+        await asyncio.gather(*self._discards)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from pyroute2 import IPRoute
 
@@ -57,9 +59,31 @@ def running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def nice_of(pid: int) -> int:
+def nice_of(pid: int | str) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2:].split()[16])
+
+
+def thread_nices(pid: int) -> set[int]:
+    return {nice_of(f"{pid}/task/{tid}") for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def autogroup_nice(pid: int | str) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+def qemu_of(pod_dir: Path) -> int:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+            comm = Path(entry.path, "comm").read_text()
+        except OSError:
+            continue
+        if comm.startswith("qemu") and str(pod_dir).encode() in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no QEMU of {pod_dir}")
 
 
 async def test_pod_takes_a_warm_vm(warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
@@ -69,6 +93,10 @@ async def test_pod_takes_a_warm_vm(warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
     cri.pull(BUSYBOX)
     wait_warm(daemon)
     (booted,) = warm_dirs(daemon)
+    # A waiting VM boots behind running pods: its threads and its session's autogroup.
+    qemu = qemu_of(booted)
+    assert thread_nices(qemu) == {10}
+    assert autogroup_nice(qemu) == 10
 
     pod_config = daemon.pod_config("warmweb")
     started = time.monotonic()
@@ -79,8 +107,10 @@ async def test_pod_takes_a_warm_vm(warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
     extra = json.loads(reply.info["info"])
     assert extra["vm"]["warm"] is True
     assert extra["vm"]["pod_dir"] == str(booted)
-    # Booted at low priority; the pod's VM runs at normal priority.
-    assert nice_of(extra["vm"]["qemu_pid"]) == 0
+    # The pod's VM runs at the daemon's priority, every thread of it.
+    assert extra["vm"]["qemu_pid"] == qemu
+    assert thread_nices(qemu) == {0}
+    assert autogroup_nice(qemu) == 0
     # The warm VM's own netns is unpinned: only its directory's files are left.
     assert not (booted / "netns").exists()
 
@@ -97,9 +127,18 @@ async def test_pod_takes_a_warm_vm(warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
         veth_mac.encode() + b"\n")
     assert cri.exec_sync(ctr_id, ["cat", "/etc/hostname"]).stdout == b"warmweb\n"
 
-    # The pool boots the next one while the pod runs.
+    # The pool boots the next one while the pod runs (the pod keeps its warm- directory).
     wait_warm(daemon)
     assert len(warm_dirs(daemon)) == 2
+
+    # A restarted daemon finds the pod by its record, and discards only what no pod names.
+    daemon.restart()
+    cri = daemon.cri
+    assert booted.exists()
+    assert cri.pod_status(pod_id).status.state == api_pb2.SANDBOX_READY
+    assert vm_http_get(f"http://{pod_ip}:8080/") == b"warm\n"
+    assert cri.exec_sync(ctr_id, ["cat", "/etc/hostname"]).stdout == b"warmweb\n"
+    wait_warm(daemon)
 
     cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id),
                                timeout=60)
@@ -107,6 +146,24 @@ async def test_pod_takes_a_warm_vm(warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
                                  timeout=60)
     assert not booted.exists()
     # Stopping the daemon stops the waiting VM too (the fixture's leak check).
+
+
+def test_a_failed_claim_discards_the_warm_vm(
+    warm_vm_daemon: VmCrivmDaemon,  # noqa: F811
+) -> None:
+    """A sysctl the guest kernel lacks fails the pod after its warm VM was configured: that VM
+    is discarded (never handed to another pod), and the pool boots a new one."""
+    daemon = warm_vm_daemon
+    wait_warm(daemon)
+    (booted,) = warm_dirs(daemon)
+    config = daemon.pod_config("warmbad")
+    config.linux.sysctls["net.ipv4.crivm_no_such_sysctl"] = "1"
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.cri.run_pod(config, handler=HANDLER)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not booted.exists()
+    wait_warm(daemon)
+    assert warm_dirs(daemon) != [booted]
 
 
 def test_warm_vms_of_a_killed_daemon_are_removed(
