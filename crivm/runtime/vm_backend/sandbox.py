@@ -97,7 +97,7 @@ def guest_pod_file(name: str) -> str:
 
 
 def write_pod_files(paths: PodPaths, config: api_pb2.PodSandboxConfig,
-                     ips: tuple[str, ...]) -> None:
+                    ips: tuple[str, ...]) -> None:
     directory = os.path.join(paths.shared_dir, POD_FILES_DIR)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     files = {
@@ -198,7 +198,7 @@ def supervisor_pid(paths: PodPaths) -> int:
 
 
 async def page_out_boot_files(qemu_pid: int, env: VmEnvironment,
-                               extra: dict[str, str]) -> None:
+                              extra: dict[str, str]) -> None:
     """The guest unpacked its initramfs long ago, and read most of /usr only while it booted;
     QEMU's mappings of those files would otherwise stay resident for the pod's life (see
     crivm.hypervisor.qemu.page_out). QEMU unmaps them; the host's page cache keeps them as
