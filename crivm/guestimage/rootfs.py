@@ -34,6 +34,10 @@ KERNEL_MODULES = (
     # /usr on virtio-pmem (crivm.usr=pmem); init loads these only then.
     "virtio_pmem", "nd_pmem",
 )
+# In the image but not loaded at boot (each insmod costs a boot ~50 ms under TCG): the kernel
+# asks for them when something uses them (modprobe from modules.dep), as on any host. bridge:
+# containers that make bridges (`brctl addbr`, `ip link add type bridge`; critest does).
+ON_DEMAND_MODULES = ("bridge",)
 # The stdlib extension modules the agent may need; the rest (ssl, sqlite, curses, ...) would pull
 # in large libraries for nothing.
 PYTHON_EXTENSIONS = (
@@ -224,8 +228,10 @@ def kernel_version(staging: Path) -> str:
 
 
 def install_kernel_modules(staging: Path, root: Path, kver: str,
-                           wanted: Iterable[str] = KERNEL_MODULES) -> list[str]:
-    """Copy ``wanted`` modules and their dependencies; write the load order for init."""
+                           wanted: Iterable[str] = KERNEL_MODULES,
+                           on_demand: Iterable[str] = ON_DEMAND_MODULES) -> list[str]:
+    """Copy ``wanted`` and ``on_demand`` modules and their dependencies; write the load order
+    of ``wanted`` for init, and modules.dep and modules.alias for the kernel's modprobe."""
     moddir = staging / "lib/modules" / kver
     builtin = {Path(line).stem.replace("-", "_")
                for line in (moddir / "modules.builtin").read_text().split()}
@@ -233,6 +239,7 @@ def install_kernel_modules(staging: Path, root: Path, kver: str,
     for path in sorted((moddir / "kernel").rglob("*.ko")):
         index[path.stem.replace("-", "_")] = path
     order: list[str] = []
+    needs: dict[str, list[str]] = {}
     visiting: set[str] = set()
 
     def visit(name: str) -> None:
@@ -243,20 +250,43 @@ def install_kernel_modules(staging: Path, root: Path, kver: str,
         if name not in index:
             raise GuestImageError(f"kernel {kver} has no module {name}")
         visiting.add(name)
-        for dep in elf.module_depends(index[name]):
-            visit(dep.replace("-", "_"))
+        needs[name] = [dep.replace("-", "_") for dep in elf.module_depends(index[name])]
+        for dep in needs[name]:
+            visit(dep)
         visiting.discard(name)
         order.append(name)
 
     for name in wanted:
         visit(name)
-    lines = []
+    boot = list(order)
+    for name in on_demand:
+        visit(name)
+    rel = {name: index[name].relative_to(moddir).as_posix() for name in order}
     for name in order:
-        rel = index[name].relative_to(moddir).as_posix()
-        _copy(index[name], root / "usr/lib/modules" / kver / rel, 0o644)
-        lines.append(f"{name} {rel}\n")
-    (root / MODULE_LIST.lstrip("/")).write_text("".join(lines))
+        _copy(index[name], root / "usr/lib/modules" / kver / rel[name], 0o644)
+    (root / MODULE_LIST.lstrip("/")).write_text("".join(f"{n} {rel[n]}\n" for n in boot))
+    (root / "usr/lib/modules" / kver / "modules.dep").write_text(
+        "".join(f"{rel[n]}:{''.join(' ' + rel[d] for d in _load_order(n, needs)[::-1])}\n"
+                for n in order))
+    (root / "usr/lib/modules" / kver / "modules.alias").write_text("".join(
+        f"alias {alias} {name}\n" for name in order
+        for alias in elf.module_info(index[name]).get("alias", ())))
     return order
+
+
+def _load_order(name: str, needs: dict[str, list[str]]) -> list[str]:
+    """The modules ``name`` needs loaded before it, each after its own needs (modprobe loads
+    a modules.dep line's list from its end)."""
+    out: list[str] = []
+
+    def walk(current: str) -> None:
+        for dep in needs.get(current, ()):
+            if dep not in out:
+                walk(dep)
+                out.append(dep)
+
+    walk(name)
+    return out
 
 
 def install_libraries(staging: Path, root: Path) -> list[str]:

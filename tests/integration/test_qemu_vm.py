@@ -45,6 +45,8 @@ async def test_rebuild_with_same_inputs_is_cached(guest_image: BuildResult) -> N
     assert {"busybox-static", "crun", "python3.11-minimal"} <= names
     assert any(n.startswith("linux-image-") and n.endswith("-cloud-amd64") for n in names)
     assert "virtiofs" in manifest["kernel_modules"]
+    # On demand, with what it needs (see rootfs.ON_DEMAND_MODULES).
+    assert {"bridge", "stp", "llc"} <= set(manifest["kernel_modules"])
     assert manifest["outputs"]["initrd.img"]["bytes"] == again.initrd_bytes
 
 

@@ -190,3 +190,11 @@ def test_compile_python_drops_stdlib_sources_but_keeps_the_agents(tmp_path: Path
     assert not (stdlib / "pkg/__init__.py").exists()
     assert (agent / "main.py").exists()
     assert list((agent / "__pycache__").glob("main.*.pyc"))
+
+
+def test_modules_dep_lists_what_a_module_needs_for_modprobe() -> None:
+    """modprobe loads a modules.dep line's list from its end: each module after its needs."""
+    needs = {"bridge": ["stp", "llc", "ipv6"], "stp": ["llc"], "llc": [], "ipv6": []}
+    order = rootfs._load_order("bridge", needs)
+    assert order == ["llc", "stp", "ipv6"]
+    assert rootfs._load_order("llc", needs) == []

@@ -294,3 +294,32 @@ def test_failed_vm_start_leaves_nothing(vm_daemon: VmCrivmDaemon, handler: str) 
     assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  grpc.StatusCode.UNAVAILABLE)
     assert cri.runtime.ListPodSandbox(api_pb2.ListPodSandboxRequest()).items == []
+
+
+def test_vm_container_makes_a_bridge_its_guest_loads_on_demand(
+    vm_daemon: VmCrivmDaemon, busybox_image: PushedImage
+) -> None:
+    """bridge is not loaded at boot; the guest kernel's modprobe loads it when a container
+    with CAP_NET_ADMIN asks for a bridge (critest's "Privileged is true" does this)."""
+    cri = vm_daemon.cri
+    cri.pull(BUSYBOX)
+    pod_config = vm_daemon.pod_config("vmbridge")
+    pod_id = cri.run_pod(pod_config, handler="vm")
+    security = api_pb2.LinuxContainerSecurityContext(
+        capabilities=api_pb2.Capability(add_capabilities=["NET_ADMIN"]))
+    ctr_id = cri.create(pod_id, busybox("bridger", "sleep 600",
+                                        linux=api_pb2.LinuxContainerConfig(
+                                            security_context=security)), pod_config)
+    cri.start(ctr_id)
+    assert b"bridge" not in cri.exec_sync(ctr_id, ["cat", "/proc/modules"]).stdout
+    reply = cri.exec_sync(ctr_id, ["busybox", "brctl", "addbr", "crivmbr0"])
+    assert reply.exit_code == 0, reply.stderr
+    reply = cri.exec_sync(ctr_id, ["busybox", "ip", "link", "add", "crivmbr1", "type", "bridge"])
+    assert reply.exit_code == 0, reply.stderr
+    links = cri.exec_sync(ctr_id, ["ls", "/sys/class/net"]).stdout.split()
+    assert {b"crivmbr0", b"crivmbr1"} <= set(links)
+    assert b"bridge" in cri.exec_sync(ctr_id, ["cat", "/proc/modules"]).stdout
+    cri.runtime.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id),
+                               timeout=60)
+    cri.runtime.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
+                                 timeout=60)
