@@ -153,17 +153,20 @@ def waiting_warm_dirs(runroot: Path, but: str = "") -> list[str]:
     return [str(d) + "/" for d in (runroot / "vm").glob("warm-*") if str(d) != but]
 
 
+def _pids_naming(dirs: list[str]) -> set[int]:
+    return set().union(*(processes_mentioning(d) for d in dirs))
+
+
 def _pod_memory(runroot: Path, exclude: list[str]) -> dict[str, dict[str, int]]:
     """Every process naming the daemon's runroot, but those of the waiting warm VMs."""
-    waiting = set().union(*(processes_mentioning(d) for d in exclude)) if exclude else set()
+    waiting = _pids_naming(exclude)
     return pss_by_process([pid for pid in processes_mentioning(str(runroot))
                            if pid != os.getpid() and pid not in waiting])
 
 
 def _waiting_memory(runroot: Path) -> dict[str, dict[str, int]]:
     """The processes of the waiting warm VM (QEMU, virtiofsd, supervisor)."""
-    dirs = waiting_warm_dirs(runroot)
-    return pss_by_process(sorted(set().union(*(processes_mentioning(d) for d in dirs))))
+    return pss_by_process(sorted(_pids_naming(waiting_warm_dirs(runroot))))
 
 
 def vm_pod_run(cri: TimedCri, runroot: Path, index: int,

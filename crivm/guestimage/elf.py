@@ -81,7 +81,12 @@ def module_info(path: Path) -> dict[str, list[str]]:
 
 def module_depends(path: Path) -> list[str]:
     """Names of the modules this kernel module needs loaded first."""
-    values = module_info(path).get("depends", [""])
+    return depends_of(module_info(path))
+
+
+def depends_of(info: dict[str, list[str]]) -> list[str]:
+    """``module_depends`` from a ``module_info`` already read."""
+    values = info.get("depends", [""])
     return [name for name in values[0].split(",") if name]
 
 

@@ -240,6 +240,7 @@ def install_kernel_modules(staging: Path, root: Path, kver: str,
         index[path.stem.replace("-", "_")] = path
     order: list[str] = []
     needs: dict[str, list[str]] = {}
+    aliases: dict[str, list[str]] = {}
     visiting: set[str] = set()
 
     def visit(name: str) -> None:
@@ -250,7 +251,9 @@ def install_kernel_modules(staging: Path, root: Path, kver: str,
         if name not in index:
             raise GuestImageError(f"kernel {kver} has no module {name}")
         visiting.add(name)
-        needs[name] = [dep.replace("-", "_") for dep in elf.module_depends(index[name])]
+        info = elf.module_info(index[name])
+        needs[name] = [dep.replace("-", "_") for dep in elf.depends_of(info)]
+        aliases[name] = info.get("alias", [])
         for dep in needs[name]:
             visit(dep)
         visiting.discard(name)
@@ -269,8 +272,7 @@ def install_kernel_modules(staging: Path, root: Path, kver: str,
         "".join(f"{rel[n]}:{''.join(' ' + rel[d] for d in _load_order(n, needs)[::-1])}\n"
                 for n in order))
     (root / "usr/lib/modules" / kver / "modules.alias").write_text("".join(
-        f"alias {alias} {name}\n" for name in order
-        for alias in elf.module_info(index[name]).get("alias", ())))
+        f"alias {alias} {name}\n" for name in order for alias in aliases[name]))
     return order
 
 

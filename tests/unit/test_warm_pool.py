@@ -60,14 +60,20 @@ async def settle(pool: warm_pool.WarmPool, ready: int) -> None:
     raise AssertionError(f"pool never had {ready} ready: {pool.info()}")
 
 
+async def started_pool(env: VmEnvironment, size: int) -> warm_pool.WarmPool:
+    """A pool of ``size`` that has booted them all."""
+    pool = warm_pool.WarmPool(env, size)
+    pool.start()
+    await settle(pool, size)
+    return pool
+
+
 async def test_the_pool_fills_hands_out_and_refills(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     vms = FakeVms(monkeypatch, tmp_path)
     env = environment()
-    pool = warm_pool.WarmPool(env, 2)
-    pool.start()
-    await settle(pool, 2)
+    pool = await started_pool(env, 2)
     default = warm_pool.default_size(env)
     assert default == (1, 256 + 128)
     first = pool.take(default)
@@ -88,9 +94,7 @@ async def test_only_a_pod_of_the_default_size_takes_one(
 ) -> None:
     FakeVms(monkeypatch, tmp_path)
     env = environment()
-    pool = warm_pool.WarmPool(env, 1)
-    pool.start()
-    await settle(pool, 1)
+    pool = await started_pool(env, 1)
     bigger = api_pb2.PodSandboxConfig()
     bigger.linux.resources.memory_limit_in_bytes = 1024 << 20
     assert pool.take(sandbox.vm_size(env.handler, bigger)) is None
@@ -103,9 +107,7 @@ async def test_a_warm_vm_that_died_is_discarded_not_handed_out(
 ) -> None:
     vms = FakeVms(monkeypatch, tmp_path)
     env = environment()
-    pool = warm_pool.WarmPool(env, 1)
-    pool.start()
-    await settle(pool, 1)
+    pool = await started_pool(env, 1)
     vms.dead.add(vms.booted[0])
     assert pool.take(warm_pool.default_size(env)) is None
     pool.refill()  # the backend's, once the pod's (cold) start is over
@@ -142,9 +144,7 @@ async def test_a_vm_from_an_older_guest_image_is_not_handed_out(
 ) -> None:
     vms = FakeVms(monkeypatch, tmp_path)
     env = environment()
-    pool = warm_pool.WarmPool(env, 1)
-    pool.start()
-    await settle(pool, 1)
+    pool = await started_pool(env, 1)
     monkeypatch.setattr(warm_pool, "image_stamp", lambda env: ((1, 2, 3, 4),))
     assert pool.take(warm_pool.default_size(env)) is None
     await pool.close()
@@ -175,9 +175,7 @@ async def test_close_waits_for_discards_and_logs_their_errors(
         raise OSError("umount: busy")
 
     monkeypatch.setattr(warm_pool, "discard", failing)
-    pool = warm_pool.WarmPool(environment(), 2)
-    pool.start()
-    await settle(pool, 2)
+    pool = await started_pool(environment(), 2)
     await pool.close()
     assert sorted(vms.discarded) == sorted(vms.booted)
     assert caplog.text.count("could not discard warm VM") == 2
@@ -226,9 +224,7 @@ async def test_a_waiting_vm_that_stopped_is_replaced(
 ) -> None:
     vms = FakeVms(monkeypatch, tmp_path)
     monkeypatch.setattr(warm_pool, "CHECK_INTERVAL_S", 0.02)
-    pool = warm_pool.WarmPool(environment(), 1)
-    pool.start()
-    await settle(pool, 1)
+    pool = await started_pool(environment(), 1)
     vms.dead.add(vms.booted[0])
     for _ in range(200):
         if len(vms.booted) == 2 and pool.info()["ready"] == 1:

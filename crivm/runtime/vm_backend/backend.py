@@ -119,8 +119,7 @@ class VmBackend:
         )
         await self._oci.open()
         await self._reconcile(services)
-        in_use = {str(p.extra["vm"].get("pod_dir", "")) for p in services.store.list_pods()
-                  if isinstance(p.extra.get("vm"), dict)}
+        in_use = {self._vm.paths_of(p).pod_dir for p in services.store.list_pods()}
         vm_handlers = [name for name, h in self.config.runtimes.items()
                        if h.runtime_type == "vm"]
         if await warm_pool.remove_leftovers(self._vm, in_use, vm_handlers):

@@ -71,6 +71,11 @@ class VmEnvironment:
         # (and a clash fails the create rather than sharing a directory).
         return PodPaths(os.path.join(self.runroot, "vm", pod_id[:POD_DIR_ID_CHARS]))
 
+    @property
+    def guest_files(self) -> tuple[str, ...]:
+        """The files its VMs boot from: kernel, initramfs, and the /usr image if any."""
+        return tuple(path for path in (self.kernel, self.initrd, self.usr_image) if path)
+
     def paths_of(self, pod: PodRecord) -> PodPaths:
         """A running pod's files: where its record says (a warm VM keeps the directory it
         was booted in), else under its id."""
@@ -236,8 +241,8 @@ async def stop_supervisor(paths: PodPaths, timeout_s: float = STOP_TIMEOUT_S) ->
 def _check_guest_files(env: VmEnvironment) -> None:
     """Fail before anything is made when the guest image is not there (a handler pointing at
     files that were never built or were removed), rather than from inside QEMU's start."""
-    for path in (env.kernel, env.initrd, env.usr_image):
-        if path and not os.path.isfile(path):
+    for path in env.guest_files:
+        if not os.path.isfile(path):
             raise FailedPrecondition(
                 f"runtime handler {env.handler_name}: guest image file {path} is missing; "
                 "run `crivm guest-image build`")
@@ -366,6 +371,10 @@ async def remove(env: VmEnvironment, pod: PodRecord) -> None:
     await asyncio.to_thread(shutil.rmtree, paths.pod_dir, True)
 
 
-async def alive(env: VmEnvironment, pod: PodRecord) -> bool:
-    paths = env.paths_of(pod)
+def vm_running(paths: PodPaths) -> bool:
+    """The VM's supervisor runs and still serves its agent socket."""
     return bool(supervisor_pid(paths)) and os.path.exists(paths.mux_socket)
+
+
+async def alive(env: VmEnvironment, pod: PodRecord) -> bool:
+    return vm_running(env.paths_of(pod))

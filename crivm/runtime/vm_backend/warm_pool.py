@@ -91,9 +91,7 @@ def image_stamp(env: VmEnvironment) -> tuple[tuple[int, int, int, int], ...]:
     """Device, inode, mtime and size of the guest kernel, initramfs and /usr image: a
     `crivm guest-image build` that replaced one changes it."""
     stamp = []
-    for path in (env.kernel, env.initrd, env.usr_image):
-        if not path:
-            continue
+    for path in env.guest_files:
         try:
             st = os.stat(path)
         except OSError:
@@ -239,7 +237,7 @@ class WarmPool:
             if warm.image != image:
                 log.info("warm VM %s was booted from an older guest image; discarding it",
                          os.path.basename(warm.paths.pod_dir))
-            elif not self._alive(warm):
+            elif not sandbox.vm_running(warm.paths):
                 log.warning("warm VM %s stopped while it waited; discarding it",
                             os.path.basename(warm.paths.pod_dir))
             else:
@@ -249,11 +247,6 @@ class WarmPool:
 
     def refill(self) -> None:
         self._wanted.set()
-
-    @staticmethod
-    def _alive(warm: WarmVm) -> bool:
-        return bool(sandbox.supervisor_pid(warm.paths)) and os.path.exists(
-            warm.paths.mux_socket)
 
     def _discard_later(self, paths: PodPaths) -> None:
         task = asyncio.create_task(self._discard(paths))
@@ -268,7 +261,7 @@ class WarmPool:
 
     def _prune(self) -> None:
         """Drop waiting VMs that stopped, so that the pool replaces them."""
-        for warm in [w for w in self._ready if not self._alive(w)]:
+        for warm in [w for w in self._ready if not sandbox.vm_running(w.paths)]:
             log.warning("warm VM %s stopped while it waited; replacing it",
                         os.path.basename(warm.paths.pod_dir))
             self._ready.remove(warm)
